@@ -1,0 +1,6 @@
+"""Token methods as Lightning callbacks, one file per method, and utility callbacks."""
+
+from lightning_tokens.callbacks.dft import DFT
+from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
+
+__all__ = ["DFT", "JSONLPredictionWriter"]

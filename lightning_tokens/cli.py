@@ -1,0 +1,42 @@
+"""The ``lightning-tokens`` command: Lightning's CLI over every module and datamodule of the library.
+
+    lightning-tokens fit --config configs/quickstart.yaml
+    lightning-tokens validate --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
+    lightning-tokens predict --config configs/quickstart.yaml --ckpt_path ... --predictions.output answers.jsonl
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
+
+# imported so that YAML can name classes by their short names (TokenLM, DFT, NUPADataModule, ...)
+import lightning_tokens.callbacks  # noqa: F401
+import lightning_tokens.datamodules  # noqa: F401
+import lightning_tokens.modules  # noqa: F401
+from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
+
+
+class TokensCLI(LightningCLI):
+    """LightningCLI with the prediction writer always available as ``--predictions.output``."""
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(JSONLPredictionWriter, "predictions")
+
+
+def main(args: list[str] | None = None) -> TokensCLI:
+    return TokensCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=1234,
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""`TokenLossMixin`: how any LightningModule joins the token-loss pipeline with one call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_tokens.core.method import TokenMethodOutput, token_methods
+from lightning_tokens.core.reduction import TokenCountNormalizer
+from lightning_tokens.core.stats import IGNORE_INDEX, OutputHead, TokenStats
+
+
+class TokenLossMixin:
+    """Adds :meth:`token_loss` to a LightningModule: per-token statistics, the token methods found in
+    ``trainer.callbacks``, and a token-mean reduction that is exact under gradient accumulation and
+    data parallelism.
+
+    Put it before ``LightningModule`` in the bases and replace the line that computes the loss::
+
+        class MyModule(TokenLossMixin, L.LightningModule):
+            def training_step(self, batch, batch_idx):
+                logits = self.net(batch["input_ids"])
+                return self.token_loss(batch["labels"], logits=logits, batch=batch)
+
+    Pass ``hidden=`` and ``head=`` (the output projection) instead of ``logits=`` to use the fused ops,
+    which never materialise the ``(tokens × vocab)`` logits. If you override ``on_before_optimizer_step``
+    call ``super()``: that is where the gradients get their exact token-count normalisation.
+
+    Note:
+        Automatic optimisation only. Each training step logs ``train/loss`` (token mean of the
+        micro-batch), ``train/kept_fraction`` (kept tokens / tokens with labels) and what each method
+        reports under ``train/<MethodName>/``.
+    """
+
+    def token_loss(
+        self,
+        labels: Tensor,
+        *,
+        hidden: Tensor | None = None,
+        head: torch.nn.Module | Tensor | None = None,
+        logits: Tensor | None = None,
+        batch: dict[str, Any] | None = None,
+        shift_labels: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> Tensor:
+        """Loss of one (micro-)batch through the token-loss pipeline.
+
+        Args:
+            labels: ``(B, T)`` label ids with ``ignore_index`` where no loss is taken.
+            hidden: ``(B, T, D)`` final hidden states; use with ``head``.
+            head: the output head (``nn.Linear`` or a ``(V, D)`` weight).
+            logits: ``(B, T, V)`` logits, if the module already has them.
+            batch: the batch, for ``token_weights``, ``sample_weights`` and fields methods read.
+            shift_labels: ``True`` if labels are a copy of the inputs (Hugging Face convention), ``False``
+                if ``labels[:, t]`` is already the target predicted at position ``t``.
+            ignore_index: label value that takes no loss.
+
+        Returns:
+            In training: the scalar to backpropagate (see :mod:`lightning_tokens.core.reduction`). Outside
+            training: the plain token-mean NLL, methods not applied.
+        """
+        batch = {} if batch is None else batch
+        # the vocabulary check reads label values (a device sync): once per process is enough
+        vocab_size = None if self.__dict__.get("_lt_labels_checked") else _vocab_size(head, logits)
+        _check_labels(labels, batch, vocab_size, ignore_index)
+        self.__dict__["_lt_labels_checked"] = True
+        trainer = self._trainer  # type: ignore[attr-defined]
+        training = trainer is not None and trainer.training
+        methods = token_methods(trainer) if training else []
+        stats = TokenStats(
+            labels,
+            hidden=hidden,
+            head=None if head is None else OutputHead.from_module(head),
+            logits=logits,
+            batch=batch if training else {},
+            shift_labels=shift_labels,
+            ignore_index=ignore_index,
+            with_entropy=any(m.needs_entropy for m in methods),
+        )
+        if not training:
+            count = stats.mask.sum()
+            return stats.nll.sum() / count.clamp(min=1)
+        return self._training_token_loss(stats, methods, batch)
+
+    # ---- training --------------------------------------------------------------------------------
+    def _training_token_loss(self, stats: TokenStats, methods: list, batch: dict[str, Any]) -> Tensor:
+        per_token, weights, keep, extra = stats.nll, _data_weights(stats, batch), stats.mask.clone(), None
+        replaced_by = None
+        module: pl.LightningModule = self  # type: ignore[assignment]
+        for method in methods:
+            out: TokenMethodOutput = method.compute(stats, module)
+            if out.weights is not None:
+                weights = weights * out.weights
+            if out.mask is not None:
+                keep = keep & out.mask.bool()
+            if out.loss is not None:
+                if replaced_by is not None:
+                    raise ValueError(f"{method.name} and {replaced_by} both replace the per-token loss; keep one.")
+                per_token, replaced_by = out.loss, method.name
+            if out.extra_loss is not None:
+                extra = out.extra_loss if extra is None else extra + out.extra_loss
+            for key, value in out.logs.items():
+                module.log(f"train/{method.name}/{key}", value, on_step=True, on_epoch=False)
+        keep = keep & (weights != 0)
+        token_loss = weights * per_token if extra is None else weights * per_token + extra
+        token_loss = torch.where(keep, token_loss, torch.zeros_like(token_loss))
+        kept = keep.sum()
+        labelled = stats.mask.sum()
+        divisor = self._token_normalizer.divisor(kept, module._trainer)
+        loss_sum = token_loss.sum()
+        batch_size = stats.labels.shape[0]
+        module.log("train/loss", (loss_sum / kept.clamp(min=1)).detach(), prog_bar=True, batch_size=batch_size)
+        module.log("train/kept_fraction", kept.float() / labelled.clamp(min=1), batch_size=batch_size)
+        return loss_sum / divisor
+
+    @property
+    def _token_normalizer(self) -> TokenCountNormalizer:
+        normalizer = self.__dict__.get("_lt_normalizer")
+        if normalizer is None:
+            normalizer = self.__dict__["_lt_normalizer"] = TokenCountNormalizer()
+        return normalizer
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        module: pl.LightningModule = self  # type: ignore[assignment]
+        if module.automatic_optimization:
+            self._token_normalizer.finish_window(module, module.trainer)
+        parent = super()
+        if hasattr(parent, "on_before_optimizer_step"):
+            parent.on_before_optimizer_step(optimizer)  # type: ignore[misc]
+
+
+def _data_weights(stats: TokenStats, batch: dict[str, Any]) -> Tensor:
+    """Weights that travel with the data: ``token_weights`` (B, T) times ``sample_weights`` (B,)."""
+    weights = torch.ones_like(stats.labels, dtype=torch.float32)
+    token_weights = batch.get("token_weights")
+    if token_weights is not None:
+        weights = weights * token_weights.float()
+    sample_weights = batch.get("sample_weights")
+    if sample_weights is not None:
+        if sample_weights.shape != stats.labels.shape[:1]:
+            raise ValueError(
+                f"sample_weights must have shape (batch,) = {tuple(stats.labels.shape[:1])}, "
+                f"got {tuple(sample_weights.shape)}."
+            )
+        weights = weights * sample_weights.float().unsqueeze(1)
+    return weights
+
+
+def _vocab_size(head: torch.nn.Module | Tensor | None, logits: Tensor | None) -> int | None:
+    if logits is not None:
+        return logits.shape[-1]
+    if head is None:
+        return None
+    return OutputHead.from_module(head).weight.shape[0]
+
+
+def _check_labels(labels: Tensor, batch: dict[str, Any], vocab_size: int | None, ignore_index: int) -> None:
+    """Fail early, naming the field and the fix, on malformed labels."""
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be 2-D (batch, sequence), got shape {tuple(labels.shape)}.")
+    input_ids = batch.get("input_ids")
+    if input_ids is not None and input_ids.shape != labels.shape:
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} but input_ids have {tuple(input_ids.shape)}: labels must "
+            "have the shape of input_ids, with -100 where no loss is taken (pad them in the collate function)."
+        )
+    for key in ("token_weights",):
+        value = batch.get(key)
+        if value is not None and value.shape != labels.shape:
+            raise ValueError(
+                f"batch['{key}'] has shape {tuple(value.shape)} but labels have {tuple(labels.shape)}: "
+                "per-token weights must be indexed like labels."
+            )
+    if labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}.")
+    if vocab_size is not None and labels.numel():
+        valid = labels[labels != ignore_index]
+        if valid.numel():
+            low, high = int(valid.min()), int(valid.max())
+            if high >= vocab_size or low < 0:
+                raise ValueError(
+                    f"labels contain token id {high if high >= vocab_size else low} outside the vocabulary "
+                    f"[0, {vocab_size}): the tokenizer and the model disagree (resize the model's embeddings "
+                    f"to len(tokenizer)) or labels use a padding value other than {ignore_index}."
+                )
+

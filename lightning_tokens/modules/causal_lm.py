@@ -1,0 +1,350 @@
+"""`TokenLM`: any Hugging Face causal LM as a LightningModule on the token-loss pipeline."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+from typing_extensions import override
+
+from lightning_tokens.core.loss import TokenLossMixin
+from lightning_tokens.models.presets import check_model_source, is_preset, load_causal_lm
+
+QuantizationMode = Literal["nf4", "nf4-dq", "fp4", "int8"]
+
+
+@dataclass
+class LoRASettings:
+    """LoRA adapters through peft (every field maps to ``peft.LoraConfig``).
+
+    Attributes:
+        r: rank of the update matrices.
+        alpha: scaling numerator (``lora_alpha``); the update is scaled by ``alpha / r``.
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt, or ``"all-linear"``.
+        bias: which biases train: ``"none"``, ``"all"`` or ``"lora_only"``.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW with linear warm-up and cosine decay to ``min_lr_ratio · lr``.
+
+    Attributes:
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (not applied to biases and norms).
+        betas: Adam betas.
+        warmup: warm-up steps, or a fraction of the total steps when below 1.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+    """
+
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup: float = 0.05
+    min_lr_ratio: float = 0.1
+
+
+class TokenLM(TokenLossMixin, pl.LightningModule):
+    """A causal language model trained through the token-loss pipeline.
+
+    Features:
+        - ``model``: a preset built from config with random weights (offline default, e.g. ``tiny-llama``),
+          a local checkpoint folder, or a Hugging Face hub id (used when the weights are available).
+        - The model is created in ``configure_model``, so FSDP / ModelParallel strategies can wrap it.
+        - Loss from final hidden states and the output head with the fused token ops (no
+          ``(tokens × vocab)`` logits), token methods from ``trainer.callbacks``, exact token-mean
+          reduction under gradient accumulation and data parallelism.
+        - Optional LoRA (peft) and 4/8-bit loading (transformers' ``BitsAndBytesConfig``).
+        - AdamW, warm-up + cosine schedule.
+        - Logs ``train/loss``, ``train/tokens_per_sec``, ``train/lr``, what each method kept,
+          ``val/loss``; with a datamodule that provides ``build_metrics``, validation generates answers
+          and logs its metrics (e.g. NUPA exact match).
+        - ``predict`` generates answers for prompt batches (``prompt_input_ids``, ``prompts``).
+
+    Args:
+        model: preset name, local folder, or hub id.
+        tokenizer: ``"char"`` (built in code), a local folder or a hub id; defaults to ``model`` for
+            pretrained models and must be given for presets.
+        model_config: overrides of the preset's config (e.g. ``{"num_hidden_layers": 4}``) or extra
+            ``from_pretrained`` keyword arguments.
+        lora: LoRA settings, ``None`` for full fine-tuning.
+        quantization: load the pretrained weights in 4-bit (``nf4``, ``nf4-dq``, ``fp4``) or ``int8``.
+        optimizer: AdamW and schedule settings.
+        dtype: dtype to load weights in (e.g. ``"bfloat16"``); ``None`` keeps float32.
+        gradient_checkpointing: recompute activations in backward.
+        max_new_tokens: generation length in validation/predict (default: the datamodule's).
+        generate_in_validation: score generated answers with the datamodule's metrics.
+
+    Example::
+
+        model = TokenLM(model="tiny-llama", tokenizer="char")
+        trainer = L.Trainer(max_steps=100, callbacks=[DFT()])
+        trainer.fit(model, datamodule=NUPADataModule(tasks="Integer/add"))
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny-llama",
+        tokenizer: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        lora: LoRASettings | None = None,
+        quantization: QuantizationMode | None = None,
+        optimizer: OptimizerSettings | None = None,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        max_new_tokens: int | None = None,
+        generate_in_validation: bool = True,
+    ) -> None:
+        super().__init__()
+        check_model_source(model)
+        if tokenizer is None and is_preset(model):
+            raise ValueError(f"model={model!r} is built from config: set `tokenizer` (e.g. tokenizer: char).")
+        if quantization is not None:
+            _check_quantization(quantization)
+        if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. bfloat16, float16 or float32.")
+        self.save_hyperparameters()
+        self.model_name = model
+        self.tokenizer_name = tokenizer or model
+        self.model_config = model_config
+        self.lora = lora
+        self.quantization = quantization
+        self.optimizer_settings = optimizer or OptimizerSettings()
+        self.dtype_name = dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.max_new_tokens = max_new_tokens
+        self.generate_in_validation = generate_in_validation
+        self.model: torch.nn.Module | None = None
+        self._tokenizer = None
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.val_metrics = None
+        self.test_metrics = None
+        self._throughput_clock: float | None = None
+
+    # ---- construction ----------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from lightning_tokens.models.tokenizers import resolve_tokenizer
+
+            self._tokenizer = resolve_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    @override
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        dtype = getattr(torch, self.dtype_name) if self.dtype_name else None
+        model = load_causal_lm(
+            self.model_name,
+            vocab_size=len(self.tokenizer),
+            overrides=self.model_config,
+            dtype=dtype,
+            quantization_config=_bnb_config(self.quantization, dtype) if self.quantization else None,
+        )
+        _check_output_head(model)
+        if model.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
+            raise ValueError(
+                f"the tokenizer has {len(self.tokenizer)} tokens but model {self.model_name!r} has only "
+                f"{model.get_input_embeddings().weight.shape[0]} embeddings: use the model's own tokenizer."
+            )
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if self.lora is not None:
+            model = _add_lora(model, self.lora, quantized=self.quantization is not None)
+        self.model = model
+
+    @property
+    def causal_lm(self) -> torch.nn.Module:
+        """The underlying transformers model (with LoRA layers injected, if any)."""
+        model = self.model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @override
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        build = getattr(datamodule, "build_metrics", None)
+        if build is not None and self.val_metrics is None:
+            self.val_metrics = build("val/")
+            self.test_metrics = build("test/")
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """Final hidden states ``(B, T, D)``; the output head is applied by the token loss."""
+        decoder = self.causal_lm.get_decoder()
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
+
+    def _loss(self, batch: dict[str, Any]) -> Tensor:
+        extra = {k: batch[k] for k in ("position_ids",) if k in batch}
+        hidden = self(batch["input_ids"], batch.get("attention_mask"), **extra)
+        return self.token_loss(batch["labels"], hidden=hidden, head=self.causal_lm.get_output_embeddings(), batch=batch)
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self._log_throughput(batch)
+        return loss
+
+    def _log_throughput(self, batch: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        mask = batch.get("attention_mask")
+        tokens = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())
+        if self._throughput_clock is not None:
+            elapsed = max(now - self._throughput_clock, 1e-9)
+            self.log("train/tokens_per_sec", tokens.float() * self.trainer.world_size / elapsed, prog_bar=True)
+        self._throughput_clock = now
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0)
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._throughput_clock = None
+
+    @override
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_loss, self.val_metrics, "val")
+
+    @override
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_loss, self.test_metrics, "test")
+
+    def _evaluate(self, batch: dict[str, Any], loss_metric: MeanMetric, metrics: Any, prefix: str) -> None:
+        labels = batch["labels"]
+        count = (labels[:, 1:] != -100).sum()
+        loss_metric.update(self._loss(batch), weight=count.clamp(min=1))
+        self.log(f"{prefix}/loss", loss_metric, prog_bar=True, batch_size=labels.shape[0])
+        if metrics is not None and self.generate_in_validation and "prompt_input_ids" in batch:
+            answers = [self.trainer.datamodule.extract_answer(text) for text in self.generate(batch)]
+            metrics.update(answers, batch["answers"], batch["domains"])
+            self.log_dict(metrics, prog_bar=True, batch_size=labels.shape[0])
+
+    @override
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        outputs = self.generate(batch)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        extract = getattr(datamodule, "extract_answer", None)
+        return [
+            {"prompt": prompt, "output": text, **({"answer": extract(text)} if extract else {})}
+            for prompt, text in zip(batch["prompts"], outputs)
+        ]
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy continuations of the left-padded ``prompt_input_ids`` of a batch, decoded."""
+        if max_new_tokens is None:
+            max_new_tokens = self.max_new_tokens or getattr(
+                getattr(self.trainer, "datamodule", None), "generation_max_new_tokens", 32
+            )
+        prompt = batch["prompt_input_ids"]
+        tok = self.tokenizer
+        generated = self.causal_lm.generate(
+            input_ids=prompt,
+            attention_mask=batch.get("prompt_attention_mask"),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        return tok.batch_decode(generated[:, prompt.shape[1] :], skip_special_tokens=True)
+
+    # ---- optimisation ----------------------------------------------------------------------------
+    @override
+    def configure_optimizers(self) -> Any:
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+        settings = self.optimizer_settings
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(settings.warmup * total) if settings.warmup < 1 else int(settings.warmup)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=warmup, num_training_steps=total, min_lr_rate=settings.min_lr_ratio
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    @override
+    def on_fit_start(self) -> None:
+        self._save_tokenizer()
+
+    @rank_zero_only
+    def _save_tokenizer(self) -> None:
+        callback = self.trainer.checkpoint_callback
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath:
+            self.tokenizer.save_pretrained(os.path.join(dirpath, "tokenizer"))
+
+
+def _check_quantization(mode: str) -> None:
+    modes = ("nf4", "nf4-dq", "fp4", "int8")
+    if mode not in modes:
+        raise ValueError(f"quantization={mode!r} is not a mode: choose one of {modes} or null.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # bitsandbytes raises various errors on machines it cannot run on
+        raise ValueError(
+            f"quantization={mode!r} needs bitsandbytes, which cannot be imported here ({err}). Install it "
+            "(`pip install bitsandbytes`) or set quantization: null."
+        ) from err
+
+
+def _bnb_config(mode: str, dtype: torch.dtype | None) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="fp4" if mode == "fp4" else "nf4",
+        bnb_4bit_use_double_quant=mode == "nf4-dq",
+        bnb_4bit_compute_dtype=dtype or torch.float32,
+    )
+
+
+def _add_lora(model: torch.nn.Module, settings: LoRASettings, quantized: bool) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        bias=settings.bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _check_output_head(model: torch.nn.Module) -> None:
+    """The fused loss applies ``hidden @ W.T + b``: refuse models whose logits are post-processed."""
+    config = model.config
+    for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        value = getattr(config, attribute, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"{type(model).__name__} post-processes its logits ({attribute}={value}); the fused token loss "
+                "would score different probabilities. Such models are not supported yet."
+            )

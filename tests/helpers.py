@@ -1,0 +1,98 @@
+"""Small models and data shared by tests."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_tokens.core import TokenLossMixin
+
+VOCAB = 17
+
+
+class PlainLM(pl.LightningModule):
+    """A LightningModule not written for this library: embedding, GRU, linear head, mean CE."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 16, lr: float = 0.1) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.rnn = torch.nn.GRU(dim, dim, batch_first=True)
+        self.head = torch.nn.Linear(dim, vocab)
+        self.lr = lr
+
+    def hidden(self, input_ids):
+        return self.rnn(self.embed(input_ids))[0]
+
+    def training_step(self, batch, batch_idx):
+        logits = self.head(self.hidden(batch["input_ids"]))
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class MixinLM(TokenLossMixin, PlainLM):
+    """PlainLM after adding the mixin and changing one line."""
+
+    def training_step(self, batch, batch_idx):
+        logits = self.head(self.hidden(batch["input_ids"]))
+        return self.token_loss(batch["labels"], logits=logits, batch=batch)
+
+
+class FusedLM(TokenLossMixin, PlainLM):
+    """The mixin on the fused path: hidden states + output head."""
+
+    def training_step(self, batch, batch_idx):
+        return self.token_loss(batch["labels"], hidden=self.hidden(batch["input_ids"]), head=self.head, batch=batch)
+
+
+class ListDataset(Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def pad_collate(items):
+    """Right-pad token lists to the longest: input_ids with 0, labels with -100."""
+    length = max(len(x["input_ids"]) for x in items)
+    ids = torch.zeros(len(items), length, dtype=torch.long)
+    labels = torch.full((len(items), length), -100, dtype=torch.long)
+    for i, x in enumerate(items):
+        n = len(x["input_ids"])
+        ids[i, :n] = torch.tensor(x["input_ids"])
+        labels[i, :n] = torch.tensor(x["labels"])
+    return {"input_ids": ids, "labels": labels}
+
+
+def make_examples(lengths, seed=0, prompt=2):
+    """Examples of the given lengths; the first ``prompt`` tokens carry no label."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(1, VOCAB, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def loader(examples, batch_size):
+    return DataLoader(ListDataset(examples), batch_size=batch_size, collate_fn=pad_collate, shuffle=False)
+
+
+def trainer(**kwargs):
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
