@@ -15,12 +15,13 @@ VOCAB = 17
 class PlainLM(pl.LightningModule):
     """A LightningModule not written for this library: embedding, GRU, linear head, mean CE."""
 
-    def __init__(self, vocab: int = VOCAB, dim: int = 16, lr: float = 0.1) -> None:
+    def __init__(self, vocab: int = VOCAB, dim: int = 16, lr: float = 0.1, adam: bool = False) -> None:
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, dim)
         self.rnn = torch.nn.GRU(dim, dim, batch_first=True)
         self.head = torch.nn.Linear(dim, vocab)
         self.lr = lr
+        self.adam = adam
 
     def hidden(self, input_ids):
         return self.rnn(self.embed(input_ids))[0]
@@ -31,7 +32,8 @@ class PlainLM(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+        optimizer = torch.optim.Adam if self.adam else torch.optim.SGD
+        return optimizer(self.parameters(), lr=self.lr)
 
 
 class MixinLM(TokenLossMixin, PlainLM):

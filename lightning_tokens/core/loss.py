@@ -29,11 +29,16 @@ class TokenLossMixin:
     which never materialise the ``(tokens × vocab)`` logits. If you override ``on_before_optimizer_step``
     call ``super()``: that is where the gradients get their exact token-count normalisation.
 
+    Set the class or instance attribute ``token_loss_backend`` (``"auto"``, ``"torch"``, ``"liger"``) to
+    choose the fused-op backend.
+
     Note:
         Automatic optimisation only. Each training step logs ``train/loss`` (token mean of the
         micro-batch), ``train/kept_fraction`` (kept tokens / tokens with labels) and what each method
         reports under ``train/<MethodName>/``.
     """
+
+    token_loss_backend: str = "auto"
 
     def token_loss(
         self,
@@ -79,6 +84,7 @@ class TokenLossMixin:
             shift_labels=shift_labels,
             ignore_index=ignore_index,
             with_entropy=any(m.needs_entropy for m in methods),
+            backend=self.token_loss_backend,
         )
         if not training:
             count = stats.mask.sum()

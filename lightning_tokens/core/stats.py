@@ -61,6 +61,7 @@ class TokenStats:
         shift_labels: whether ``hidden[:, t]`` predicts ``labels[:, t + 1]`` (see module docstring).
         ignore_index: label value that takes no loss.
         with_entropy: compute entropy in the same pass as the NLL (set when a method declares it needs it).
+        backend: fused-op backend, ``"auto"``, ``"torch"`` or ``"liger"`` (see :mod:`lightning_tokens.ops`).
 
     Extension points for the methods that come next, kept as plain attributes:
         ``reference``: the statistics of a reference or history model on the same batch (a ``TokenStats``
@@ -82,6 +83,7 @@ class TokenStats:
     shift_labels: bool = True
     ignore_index: int = IGNORE_INDEX
     with_entropy: bool = False
+    backend: str = "auto"
     reference: TokenStats | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -177,7 +179,7 @@ class TokenStats:
         selected = tokens[self.mask]
         rows = self._rows()
         if self.hidden is not None:
-            values = ops.linear_logprobs(rows, self.head.weight, selected, self.head.bias)
+            values = ops.linear_logprobs(rows, self.head.weight, selected, self.head.bias, backend=self.backend)
         else:
             log_probs = F.log_softmax(rows.float(), dim=-1)
             gather_index = selected if selected.dim() == 2 else selected.unsqueeze(-1)
@@ -188,20 +190,24 @@ class TokenStats:
     def _nll_rows(self) -> Tensor:
         rows = self._rows()
         if self.hidden is not None:
-            return ops.linear_cross_entropy(rows, self.head.weight, self._targets, self.head.bias, self.ignore_index)
+            return ops.linear_cross_entropy(
+                rows, self.head.weight, self._targets, self.head.bias, self.ignore_index, backend=self.backend
+            )
         return F.cross_entropy(rows.float(), self._targets, reduction="none")
 
     def _entropy_rows(self) -> Tensor:
         rows = self._rows()
         if self.hidden is not None:
-            return ops.linear_entropy(rows, self.head.weight, self.head.bias)
+            return ops.linear_entropy(rows, self.head.weight, self.head.bias, backend=self.backend)
         log_probs = F.log_softmax(rows.float(), dim=-1)
         return -(log_probs.exp() * log_probs).sum(-1)
 
     def _compute_nll_entropy(self) -> None:
         rows = self._rows()
         if self.hidden is not None:
-            nll, entropy = ops.linear_nll_entropy(rows, self.head.weight, self._targets, self.head.bias, self.ignore_index)
+            nll, entropy = ops.linear_nll_entropy(
+                rows, self.head.weight, self._targets, self.head.bias, self.ignore_index, backend=self.backend
+            )
         else:
             log_probs = F.log_softmax(rows.float(), dim=-1)
             nll = -log_probs.gather(-1, self._targets.unsqueeze(-1)).squeeze(-1)

@@ -88,6 +88,8 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         gradient_checkpointing: recompute activations in backward.
         max_new_tokens: generation length in validation/predict (default: the datamodule's).
         generate_in_validation: score generated answers with the datamodule's metrics.
+        loss_backend: fused token-loss backend: ``auto`` (Liger on CUDA when installed, else chunked
+            torch), ``torch`` or ``liger``.
 
     Example::
 
@@ -108,6 +110,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         gradient_checkpointing: bool = False,
         max_new_tokens: int | None = None,
         generate_in_validation: bool = True,
+        loss_backend: Literal["auto", "torch", "liger"] = "auto",
     ) -> None:
         super().__init__()
         check_model_source(model)
@@ -128,6 +131,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.max_new_tokens = max_new_tokens
         self.generate_in_validation = generate_in_validation
+        self.token_loss_backend = loss_backend
         self.model: torch.nn.Module | None = None
         self._tokenizer = None
         self.val_loss = MeanMetric()
