@@ -4,6 +4,7 @@ Variants (each a full Lightning training step: forward, backward, AdamW step):
   (a) hf_loss   the model's own ``model(input_ids, labels=labels).loss`` (full logits)
   (b) token_lm  TokenLM, fused token loss, no method
   (c) dft       TokenLM + the DFT callback
+  no_head       optional floor: the decoder without output head or loss (what any loss path adds to)
 
 Ratios are to (a) on the same device in the same process. A variant may name the fused-loss backend
 after a colon (``dft:torch``, ``dft:liger``) to compare Liger with the chunked torch path.
@@ -55,6 +56,13 @@ class HFLossLM(TokenLM):
         ).loss
 
 
+class NoHeadLM(TokenLM):
+    """Floor (not a real loss): the decoder alone, no output head, to show what the loss path adds."""
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self(batch["input_ids"], batch["attention_mask"]).float().square().mean()
+
+
 class StepTimer(pl.Callback):
     def __init__(self, warmup: int, cuda: bool) -> None:
         self.warmup, self.cuda, self.times, self._start = warmup, cuda, [], 0.0
@@ -79,7 +87,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cuda = args.device == "cuda"
     torch.manual_seed(0)
     method, _, backend = name.partition(":")
-    cls = HFLossLM if method == "hf_loss" else TokenLM
+    cls = {"hf_loss": HFLossLM, "no_head": NoHeadLM}.get(method, TokenLM)
     model = cls(
         model=args.preset,
         tokenizer="char",

@@ -49,13 +49,13 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             tie_word_embeddings=True,
         ),
     ),
-    # ~1.5B Llama shape with a 128k vocabulary (the GPU benchmark shape).
+    # ~1.5B Llama shape with an untied 128k vocabulary (the GPU benchmark shape).
     "llama-1.5b": (
         "llama",
         dict(
             hidden_size=2048,
             intermediate_size=8192,
-            num_hidden_layers=20,
+            num_hidden_layers=16,
             num_attention_heads=32,
             num_key_value_heads=8,
             max_position_embeddings=8192,

@@ -279,7 +279,9 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
             {"params": decay, "weight_decay": settings.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas))
+        # the fused CUDA kernel updates in place: no parameter-sized temporaries at the step's peak
+        fused = all(p.is_cuda for group in groups for p in group["params"]) and bool(decay or no_decay)
+        optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), fused=fused or None)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(settings.warmup * total) if settings.warmup < 1 else int(settings.warmup)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
