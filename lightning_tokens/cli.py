@@ -26,7 +26,8 @@ class TokensCLI(LightningCLI):
         parser.add_lightning_class_args(JSONLPredictionWriter, "predictions")
 
 
-def main(args: list[str] | None = None) -> TokensCLI:
+def cli(args: list[str] | None = None, run: bool = True) -> TokensCLI:
+    """Build (and by default run) the CLI; ``args`` as on the command line, ``None`` reads ``sys.argv``."""
     return TokensCLI(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -35,7 +36,13 @@ def main(args: list[str] | None = None) -> TokensCLI:
         save_config_kwargs={"overwrite": True},
         seed_everything_default=1234,
         args=args,
+        run=run,
     )
+
+
+def main() -> None:
+    """Console-script entry point (its return value would become the exit status)."""
+    cli()
 
 
 if __name__ == "__main__":

@@ -46,8 +46,11 @@ class DFT(TokenMethod):
     element-wise ``exp`` per token.
 
     Args:
-        min_weight: lower clamp on the weight, 0 (the paper) keeps the formula exact; a small value keeps
-            some signal on tokens the model finds very unlikely.
+        min_weight: lower clamp on the weight. 0 (the paper) keeps the formula exact and suits pretrained
+            models. From random weights DFT collapses: tokens whose probability falls near 0 lose their
+            weight and never recover (on the quickstart task, validation NLL rose to 11.7 and exact match
+            stayed 0 after 800 steps, against 0.94 for plain cross-entropy); a floor such as 0.25 keeps
+            them learning (0.71 exact match after 800 steps).
 
     Example::
 

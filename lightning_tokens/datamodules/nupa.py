@@ -76,6 +76,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from lightning_tokens.datamodules.sampling import ResumableDataMixin
 from lightning_tokens.metrics.nupa import extract_answer as _extract_answer
 from lightning_tokens.metrics.nupa import nupa_metric_collection
 from lightning_tokens.models.tokenizers import ensure_pad_token, resolve_tokenizer
@@ -597,7 +598,7 @@ def _read_prompts(path: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 # DataModule
 # ----------------------------------------------------------------------------------------------------
-class NUPADataModule(L.LightningDataModule):
+class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
     """Number Cookbook tasks for supervised fine-tuning and generation-based evaluation.
 
     Features:
@@ -688,7 +689,7 @@ class NUPADataModule(L.LightningDataModule):
         tokenizer_name = tokenizer if (tokenizer is None or isinstance(tokenizer, str)) else None
         self.save_hyperparameters({
             "tasks": task_list,
-            "tokenizer": tokenizer_name,
+            "data_tokenizer": tokenizer_name,  # distinct key: merged with the module's hparams in logs
             "train_digits": tuple(train_digits),
             "test_digits": tuple(test_digits),
             "val_digits": tuple(val_digits) if val_digits is not None else None,
@@ -890,15 +891,14 @@ class NUPADataModule(L.LightningDataModule):
 
     def _loader(self, split: str, mode: Literal["train", "eval", "predict"], shuffle: bool, batch_size: int) -> DataLoader:
         dataset = self._dataset(split)
-        generator = torch.Generator().manual_seed(_derive_seed(self.seed, "shuffle", split) % (2**63)) if shuffle else None
+        seed = _derive_seed(self.seed, "shuffle", split) % (2**31)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=self._resumable_sampler(len(dataset), seed, batch_size) if shuffle else None,
             collate_fn=NUPACollator(self._pad_id(), mode),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:

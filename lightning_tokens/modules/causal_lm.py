@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
@@ -213,6 +213,12 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
             self.log("train/tokens_per_sec", tokens.float() * self.trainer.world_size / elapsed, prog_bar=True)
         self._throughput_clock = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0)
+
+    @override
+    def on_fit_end(self) -> None:
+        final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        if final:
+            rank_zero_info("final validation: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
 
     @override
     def on_train_epoch_start(self) -> None:
