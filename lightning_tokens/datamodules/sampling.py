@@ -64,7 +64,9 @@ class ResumableDataMixin:
         trainer: pl.Trainer | None = getattr(self, "trainer", None)
         if trainer is None:
             return {}
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # "processed", not "completed": a checkpoint written in on_train_batch_end has processed the
+        # batch (its optimizer step is in the checkpoint) but not yet counted it as completed
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": trainer.current_epoch, "batches": batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

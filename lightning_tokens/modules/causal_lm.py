@@ -58,6 +58,10 @@ class OptimizerSettings:
     min_lr_ratio: float = 0.1
 
 
+# checkpoints store these in hparams; allow them under torch.load(weights_only=True)
+torch.serialization.add_safe_globals([LoRASettings, OptimizerSettings])
+
+
 class TokenLM(TokenLossMixin, pl.LightningModule):
     """A causal language model trained through the token-loss pipeline.
 

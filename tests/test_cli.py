@@ -1,0 +1,67 @@
+"""The `lightning-tokens` CLI: every shipped config parses; fit/validate/test/predict from a checkpoint;
+--print_config prints a config that runs as is."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_tokens.cli import cli
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+QUICKSTART = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
+
+
+def _quickstart_in(tmp_path):
+    """The quickstart config writing under tmp_path instead of runs/quickstart."""
+    config = tmp_path / "quickstart.yaml"
+    config.write_text(Path(QUICKSTART).read_text().replace("runs/quickstart", str(tmp_path)))
+    return str(config)
+
+
+def _fast(tmp_path):
+    """Overrides that shrink the quickstart to seconds (same classes, same code paths)."""
+    return [
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3",
+        "--trainer.enable_progress_bar=false",
+        "--model.init_args.model_config={num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64}",
+        "--data.init_args.num_train=64",
+        "--data.init_args.num_val=16",
+        "--data.init_args.num_test=16",
+    ]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_instantiates(config):
+    built = cli(["--config", str(config)], run=False)
+    assert built.model is not None and built.datamodule is not None
+
+
+def test_fit_then_validate_test_predict_from_the_checkpoint(tmp_path):
+    config = _quickstart_in(tmp_path)
+    cli(["fit", "--config", config, *_fast(tmp_path)])
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.exists() and (tmp_path / "checkpoints" / "tokenizer" / "tokenizer.json").exists()
+    for subcommand in ("validate", "test"):
+        run = cli([subcommand, "--config", config, *_fast(tmp_path), f"--ckpt_path={ckpt}"])
+        assert f"{'val' if subcommand == 'validate' else 'test'}/exact_match" in run.trainer.callback_metrics
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Get the maximal number: 12 and 7 = "}\n{"prompt": "Get the maximal number: 3 and 95 = "}\n')
+    answers = tmp_path / "answers.jsonl"
+    cli(["predict", "--config", config, *_fast(tmp_path), f"--ckpt_path={ckpt}",
+         f"--data.init_args.predict_file={prompts}", f"--predictions.output={answers}"])
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["Get the maximal number: 12 and 7 = ", "Get the maximal number: 3 and 95 = "]
+    assert all(isinstance(r["output"], str) and "answer" in r for r in records)
+
+
+def test_print_config_prints_a_config_that_runs_as_is(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["fit", "--config", _quickstart_in(tmp_path), *_fast(tmp_path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    run = cli(["fit", "--config", str(printed)])
+    assert run.trainer.global_step == 3
