@@ -1,17 +1,36 @@
 """Two CPU processes under DDP (gloo) give the same update as one process on the union."""
 
 import copy
+import socket
 
 import pytest
+import lightning.pytorch as pl
 import torch
 
 from lightning_tokens.callbacks import DFT
 from tests.helpers import FusedLM, loader, make_examples, trainer
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class DestroyProcessGroup(pl.Callback):
+    """Tear the gloo group down inside the worker: left to interpreter exit, gloo's threads sometimes
+    abort the spawned process ("terminate called without an active exception")."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_ddp_two_processes_equal_one_process_on_union(accumulate):
+def test_ddp_two_processes_equal_one_process_on_union(accumulate, monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     # rank 0 sees examples 0, 2; rank 1 sees 1, 3 (DistributedSampler, no shuffle): uneven token counts
     examples = make_examples([12, 4, 3, 9], prompt=2)
     model = FusedLM(lr=1.0)
@@ -24,7 +43,8 @@ def test_ddp_two_processes_equal_one_process_on_union(accumulate):
 
     ddp = copy.deepcopy(model)
     trainer(
-        max_steps=1, accumulate_grad_batches=accumulate, callbacks=[DFT()], strategy="ddp_spawn", devices=2
+        max_steps=1, accumulate_grad_batches=accumulate, callbacks=[DFT(), DestroyProcessGroup()], strategy="ddp_spawn",
+        devices=2,
     ).fit(ddp, loader(examples, batch_size=2 // accumulate))
 
     for name, value in single.state_dict().items():
