@@ -109,3 +109,15 @@ def test_labels_with_a_wrong_shape_fail_before_training(tmp_path):
 
     with pytest.raises(ValueError, match="shape of input_ids"):
         _trainer(tmp_path, max_steps=1).fit(_model(), datamodule=BadData(tasks="Integer/max", tokenizer="char", num_train=16, num_val=4, num_test=4))
+
+
+def test_a_local_checkpoint_folder_loads_with_its_weights(tmp_path):
+    source = _model()
+    source.configure_model()
+    source.causal_lm.save_pretrained(tmp_path / "hf")
+    source.tokenizer.save_pretrained(tmp_path / "hf")
+    loaded = TokenLM(model=str(tmp_path / "hf"))  # tokenizer defaults to the model folder
+    loaded.configure_model()
+    for a, b in zip(source.causal_lm.state_dict().values(), loaded.causal_lm.state_dict().values()):
+        assert torch.equal(a, b)
+    assert len(loaded.tokenizer) == len(source.tokenizer)
