@@ -300,6 +300,14 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints -----------------------------------------------------------------------------
+    def save_pretrained(self, path: str) -> None:
+        """Save in Hugging Face format with the tokenizer: the LoRA adapter alone (peft's format) when
+        LoRA is on, the full model otherwise."""
+        if self.model is None:
+            raise RuntimeError("save_pretrained: the model is not built yet; call configure_model() or fit first.")
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
     @override
     def on_fit_start(self) -> None:
         self._save_tokenizer()
