@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "DFT": "lightning_tokens.callbacks",
+    "ExcessLossSelection": "lightning_tokens.callbacks",
+    "ReferenceSettings": "lightning_tokens.core",
     "JSONLPredictionWriter": "lightning_tokens.callbacks",
     "BatchTokenMethod": "lightning_tokens.core",
     "TokenLossMixin": "lightning_tokens.core",

@@ -2,5 +2,6 @@
 
 from lightning_tokens.callbacks.dft import DFT
 from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
+from lightning_tokens.callbacks.rho1 import ExcessLossSelection
 
-__all__ = ["DFT", "JSONLPredictionWriter"]
+__all__ = ["DFT", "ExcessLossSelection", "JSONLPredictionWriter"]

@@ -50,6 +50,7 @@ class TokenLossMixin:
         batch: dict[str, Any] | None = None,
         shift_labels: bool = True,
         ignore_index: int = IGNORE_INDEX,
+        reference: Any = None,
     ) -> Tensor:
         """Loss of one (micro-)batch through the token-loss pipeline.
 
@@ -62,6 +63,7 @@ class TokenLossMixin:
             shift_labels: ``True`` if labels are a copy of the inputs (Hugging Face convention), ``False``
                 if ``labels[:, t]`` is already the target predicted at position ``t``.
             ignore_index: label value that takes no loss.
+            reference: the reference model's statistics on this batch (``stats.reference`` for methods).
 
         Returns:
             In training: the scalar to backpropagate (see :mod:`lightning_tokens.core.reduction`). Outside
@@ -85,6 +87,7 @@ class TokenLossMixin:
             ignore_index=ignore_index,
             with_entropy=any(m.needs_entropy for m in methods),
             backend=self.token_loss_backend,
+            reference=reference,
         )
         if not training:
             count = stats.mask.sum()

@@ -84,7 +84,7 @@ class TokenStats:
     ignore_index: int = IGNORE_INDEX
     with_entropy: bool = False
     backend: str = "auto"
-    reference: TokenStats | None = None
+    reference: Any = None  # TokenStats, or ReferenceStats (nll only) for offline scores
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -15,6 +15,9 @@ from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
 from lightning_tokens.core.loss import TokenLossMixin
+from lightning_tokens.core.method import token_methods
+from lightning_tokens.core.reference import ReferenceSettings, build_reference
+from lightning_tokens.core.stats import OutputHead
 from lightning_tokens.models.presets import check_model_source, is_preset, load_causal_lm
 
 QuantizationMode = Literal["nf4", "nf4-dq", "fp4", "int8"]
@@ -59,7 +62,7 @@ class OptimizerSettings:
 
 
 # checkpoints store these in hparams; allow them under torch.load(weights_only=True)
-torch.serialization.add_safe_globals([LoRASettings, OptimizerSettings])
+torch.serialization.add_safe_globals([LoRASettings, OptimizerSettings, ReferenceSettings])
 
 
 class TokenLM(TokenLossMixin, pl.LightningModule):
@@ -94,6 +97,8 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         generate_in_validation: score generated answers with the datamodule's metrics.
         loss_backend: fused token-loss backend: ``auto`` (Liger on CUDA when installed, else chunked
             torch), ``torch`` or ``liger``.
+        reference: reference / history model for methods that need one (Rho-1, ssToken...): modes
+            ``adapter_disabled``, ``model``, ``ema``, ``offline`` (see :mod:`lightning_tokens.core.reference`).
 
     Example::
 
@@ -115,6 +120,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         max_new_tokens: int | None = None,
         generate_in_validation: bool = True,
         loss_backend: Literal["auto", "torch", "liger"] = "auto",
+        reference: ReferenceSettings | None = None,
     ) -> None:
         super().__init__()
         check_model_source(model)
@@ -122,6 +128,8 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
             raise ValueError(f"model={model!r} is built from config: set `tokenizer` (e.g. tokenizer: char).")
         if quantization is not None:
             _check_quantization(quantization)
+        if reference is not None:
+            reference.validate(has_lora=lora is not None)
         if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. bfloat16, float16 or float32.")
         self.save_hyperparameters()
@@ -136,6 +144,8 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         self.max_new_tokens = max_new_tokens
         self.generate_in_validation = generate_in_validation
         self.token_loss_backend = loss_backend
+        self.reference = build_reference(reference) if reference is not None else None
+        self.reference_model: torch.nn.Module | None = None
         self.model: torch.nn.Module | None = None
         self._tokenizer = None
         self.val_loss = MeanMetric()
@@ -176,6 +186,8 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         if self.lora is not None:
             model = _add_lora(model, self.lora, quantized=self.quantization is not None)
         self.model = model
+        if self.reference is not None:
+            self.reference.setup(self)
 
     @property
     def causal_lm(self) -> torch.nn.Module:
@@ -197,10 +209,27 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         decoder = self.causal_lm.get_decoder()
         return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
 
-    def _loss(self, batch: dict[str, Any]) -> Tensor:
+    def hidden_states(self, batch: dict[str, Any], causal_lm: torch.nn.Module | None = None) -> Tensor:
+        """Final hidden states of a batch, from this model or another causal LM (a reference)."""
         extra = {k: batch[k] for k in ("position_ids",) if k in batch}
-        hidden = self(batch["input_ids"], batch.get("attention_mask"), **extra)
-        return self.token_loss(batch["labels"], hidden=hidden, head=self.causal_lm.get_output_embeddings(), batch=batch)
+        if causal_lm is None:
+            return self(batch["input_ids"], batch.get("attention_mask"), **extra)
+        decoder = causal_lm.get_decoder()
+        return decoder(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False, **extra
+        ).last_hidden_state
+
+    def output_head(self) -> OutputHead:
+        return OutputHead.from_module(self.causal_lm.get_output_embeddings())
+
+    def _loss(self, batch: dict[str, Any]) -> Tensor:
+        reference = None
+        if self.reference is not None and self.trainer.training:
+            if any(m.requires_reference for m in token_methods(self.trainer)):
+                # before the training forward: the EMA provider swaps weights in and out
+                reference = self.reference.stats(batch, self)
+        hidden = self.hidden_states(batch)
+        return self.token_loss(batch["labels"], hidden=hidden, head=self.causal_lm.get_output_embeddings(), batch=batch, reference=reference)
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -299,7 +328,23 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @override
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.reference is not None:
+            self.reference.on_optimizer_step(self)
+
     # ---- checkpoints -----------------------------------------------------------------------------
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.reference is not None:
+            checkpoint["reference_provider"] = self.reference.state_dict()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.reference is not None and "reference_provider" in checkpoint:
+            self.reference.load_state_dict(checkpoint["reference_provider"])
+
     def save_pretrained(self, path: str) -> None:
         """Save in Hugging Face format with the tokenizer: the LoRA adapter alone (peft's format) when
         LoRA is on, the full model otherwise."""

@@ -1,0 +1,318 @@
+"""Reference and history models: one provider, four explicit modes.
+
+- ``adapter_disabled``: with LoRA, the base model with its adapters switched off; zero extra weights.
+- ``model``: a separate frozen model (hub id, local folder, preset or packaged name), created in
+  ``configure_model`` (so sharding strategies wrap it), in eval mode, optionally loaded in 4-bit.
+- ``ema``: history weights ``target ← (1 − α)·target + α·current`` every ``k`` optimizer steps, over the
+  trainable parameters (the LoRA adapters when LoRA is on), saved in and restored from checkpoints.
+- ``offline``: per-token losses computed once by ``lightning-tokens score`` and stored keyed by example
+  id; looked up per batch.
+
+A provider returns the reference's statistics for a batch, indexed like ``labels`` (the same alignment
+as :class:`~lightning_tokens.core.stats.TokenStats`); methods read ``stats.reference.nll``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_tokens.core.stats import IGNORE_INDEX, OutputHead, TokenStats
+
+if TYPE_CHECKING:
+    from lightning_tokens.modules.causal_lm import TokenLM
+
+ReferenceMode = Literal["adapter_disabled", "model", "ema", "offline"]
+
+
+@dataclass
+class ReferenceSettings:
+    """Where a method's reference (or history) statistics come from.
+
+    Attributes:
+        mode: ``adapter_disabled`` (needs LoRA), ``model``, ``ema`` or ``offline``.
+        model: ``mode=model``: the reference model (hub id, local folder, preset or packaged name).
+        model_config: ``mode=model``: config overrides (presets) or ``from_pretrained`` keyword arguments.
+        quantization: ``mode=model``: load the reference in 4-bit (``nf4``, ``nf4-dq``, ``fp4``) or ``int8``.
+        ema_alpha: ``mode=ema``: weight α of the current model in each update.
+        ema_every: ``mode=ema``: update every this many optimizer steps.
+        scores_file: ``mode=offline``: the file written by ``lightning-tokens score``.
+    """
+
+    mode: ReferenceMode = "adapter_disabled"
+    model: str | None = None
+    model_config: dict[str, Any] | None = None
+    quantization: Literal["nf4", "nf4-dq", "fp4", "int8"] | None = None
+    ema_alpha: float = 0.01
+    ema_every: int = 1
+    scores_file: str | None = None
+
+    def validate(self, has_lora: bool) -> None:
+        """Fail early, naming the field and the fix."""
+        if self.mode == "adapter_disabled" and not has_lora:
+            raise ValueError(
+                "reference.mode=adapter_disabled needs LoRA adapters to switch off: set `lora`, or choose "
+                "reference.mode=model (a separate frozen model), ema or offline."
+            )
+        if self.mode == "model" and not self.model:
+            raise ValueError("reference.mode=model needs `reference.model` (a hub id, local folder or preset).")
+        if self.mode == "ema" and not (0.0 < self.ema_alpha <= 1.0 and self.ema_every >= 1):
+            raise ValueError(
+                f"reference.ema_alpha={self.ema_alpha} must lie in (0, 1] and reference.ema_every="
+                f"{self.ema_every} must be >= 1."
+            )
+        if self.mode == "offline":
+            if not self.scores_file:
+                raise ValueError(
+                    "reference.mode=offline needs `reference.scores_file`: compute it once with "
+                    "`lightning-tokens score --config <reference config> --output FILE`."
+                )
+            if not os.path.exists(self.scores_file):
+                raise ValueError(
+                    f"reference.scores_file={self.scores_file!r} does not exist: compute it with "
+                    "`lightning-tokens score --config <reference config> --output FILE`."
+                )
+
+
+@dataclass
+class ReferenceStats:
+    """Reference statistics known only as per-token NLL (the offline mode)."""
+
+    nll: Tensor
+    mask: Tensor
+
+
+class ReferenceProvider:
+    """Base class: ``stats(batch, module)`` returns the reference's statistics for the batch."""
+
+    settings: ReferenceSettings
+
+    def setup(self, module: TokenLM) -> None:
+        """Create what the mode needs; called from ``configure_model``."""
+
+    def stats(self, batch: dict[str, Any], module: TokenLM) -> TokenStats | ReferenceStats:
+        raise NotImplementedError
+
+    def on_optimizer_step(self, module: TokenLM) -> None:
+        """Called after each optimizer step (EMA updates)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _frozen_stats(batch: dict[str, Any], hidden: Tensor, head: OutputHead, backend: str) -> TokenStats:
+    """Reference statistics without any autograd graph; the NLL is computed eagerly."""
+    head = OutputHead(head.weight.detach(), None if head.bias is None else head.bias.detach())
+    stats = TokenStats(batch["labels"], hidden=hidden.detach(), head=head, batch=batch, backend=backend)
+    with torch.no_grad():
+        stats.nll  # noqa: B018 - computed and cached now, under no_grad
+    return stats
+
+
+class AdapterDisabledReference(ReferenceProvider):
+    """The LoRA base model: the same weights with every adapter switched off."""
+
+    def __init__(self, settings: ReferenceSettings) -> None:
+        self.settings = settings
+
+    def stats(self, batch: dict[str, Any], module: TokenLM) -> TokenStats:
+        with torch.no_grad(), module.model.disable_adapter():
+            hidden = module.hidden_states(batch)
+        return _frozen_stats(batch, hidden, module.output_head(), module.token_loss_backend)
+
+
+class ModelReference(ReferenceProvider):
+    """A separate frozen model, a submodule of the LightningModule (``reference_model``), so that
+    strategies place and shard it with the rest."""
+
+    def __init__(self, settings: ReferenceSettings) -> None:
+        self.settings = settings
+
+    def setup(self, module: TokenLM) -> None:
+        if getattr(module, "reference_model", None) is not None:
+            return
+        from lightning_tokens.modules.causal_lm import _bnb_config, _check_quantization
+        from lightning_tokens.models.presets import load_causal_lm
+
+        if self.settings.quantization:
+            _check_quantization(self.settings.quantization)
+        dtype = getattr(torch, module.dtype_name) if module.dtype_name else None
+        model = load_causal_lm(
+            self.settings.model,
+            vocab_size=len(module.tokenizer),
+            overrides=self.settings.model_config,
+            dtype=dtype,
+            quantization_config=_bnb_config(self.settings.quantization, dtype) if self.settings.quantization else None,
+        )
+        model.eval().requires_grad_(False)
+        module.reference_model = model
+
+    def stats(self, batch: dict[str, Any], module: TokenLM) -> TokenStats:
+        model = module.reference_model
+        model.eval()  # Lightning's train() calls reach submodules; the reference stays in eval mode
+        with torch.no_grad():
+            hidden = module.hidden_states(batch, causal_lm=model)
+        return _frozen_stats(batch, hidden, OutputHead.from_module(model.get_output_embeddings()), module.token_loss_backend)
+
+
+class EMAReference(ReferenceProvider):
+    """History weights: an exponential moving average of the trainable parameters.
+
+    The reference forward swaps the averaged values into the live parameters, runs without gradients
+    and swaps back; it runs before the training forward of the step, so no autograd graph ever sees the
+    swapped values.
+    """
+
+    def __init__(self, settings: ReferenceSettings) -> None:
+        self.settings = settings
+        self.average: dict[str, Tensor] = {}
+        self.steps = 0
+
+    def _tracked(self, module: TokenLM) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in module.model.named_parameters() if p.requires_grad}
+
+    def setup(self, module: TokenLM) -> None:
+        if not self.average:
+            self.average = {name: p.detach().clone() for name, p in self._tracked(module).items()}
+
+    def _ensure_device(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for name, p in params.items():
+            if self.average[name].device != p.device or self.average[name].dtype != p.dtype:
+                self.average[name] = self.average[name].to(device=p.device, dtype=p.dtype)
+
+    @torch.no_grad()
+    def stats(self, batch: dict[str, Any], module: TokenLM) -> TokenStats:
+        params = self._tracked(module)
+        self._ensure_device(params)
+        live = {name: p.detach().clone() for name, p in params.items()}
+        try:
+            for name, p in params.items():
+                p.copy_(self.average[name])
+            hidden = module.hidden_states(batch)
+            stats = _frozen_stats(batch, hidden, module.output_head(), module.token_loss_backend)
+        finally:
+            for name, p in params.items():
+                p.copy_(live[name])
+        return stats
+
+    @torch.no_grad()
+    def on_optimizer_step(self, module: TokenLM) -> None:
+        self.steps += 1
+        if self.steps % self.settings.ema_every:
+            return
+        params = self._tracked(module)
+        self._ensure_device(params)
+        alpha = self.settings.ema_alpha
+        averages = [self.average[name] for name in params]
+        torch._foreach_lerp_(averages, [p.detach() for p in params.values()], alpha)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"average": {name: t.detach().cpu().clone() for name, t in self.average.items()}, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.average = {name: t.clone() for name, t in state["average"].items()}
+        self.steps = state["steps"]
+
+
+class OfflineReference(ReferenceProvider):
+    """Per-token reference losses precomputed by ``lightning-tokens score``, looked up by example id."""
+
+    def __init__(self, settings: ReferenceSettings) -> None:
+        self.settings = settings
+        self.scores: dict[int, Tensor] | None = None
+
+    def setup(self, module: TokenLM) -> None:
+        if self.scores is None:
+            self.scores = load_reference_scores(self.settings.scores_file)
+
+    def stats(self, batch: dict[str, Any], module: TokenLM) -> ReferenceStats:
+        if self.scores is None:
+            self.setup(module)
+        nll = lookup_reference_nll(self.scores, batch, self.settings.scores_file)
+        return ReferenceStats(nll=nll, mask=batch["labels"] != IGNORE_INDEX)
+
+
+def build_reference(settings: ReferenceSettings) -> ReferenceProvider:
+    providers = {
+        "adapter_disabled": AdapterDisabledReference,
+        "model": ModelReference,
+        "ema": EMAReference,
+        "offline": OfflineReference,
+    }
+    return providers[settings.mode](settings)
+
+
+# ---- offline score files --------------------------------------------------------------------------
+def save_reference_scores(path: str, scores: dict[int, Tensor]) -> None:
+    """Write per-example per-token losses (float32, indexed like each example's own label positions)."""
+    from safetensors.torch import save_file
+
+    tensors = {str(int(key)): value.detach().float().cpu().contiguous() for key, value in scores.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(tensors, path, metadata={"format": "lightning_tokens.reference_scores", "version": "1"})
+
+
+def load_reference_scores(path: str) -> dict[int, Tensor]:
+    from safetensors.torch import load_file
+
+    return {int(key): value for key, value in load_file(path).items()}
+
+
+def lookup_reference_nll(scores: dict[int, Tensor], batch: dict[str, Any], source: str = "scores") -> Tensor:
+    """``(B, T)`` reference NLL for a batch from stored per-example losses.
+
+    Rows are either one example each (``example_id`` (B,), tokens from position 0) or packed
+    (``token_example_ids`` (B, T) and ``position_ids`` (B, T)).
+    """
+    labels = batch["labels"]
+    out = torch.zeros(labels.shape, dtype=torch.float32)
+    token_ids = batch.get("token_example_ids")
+    if token_ids is not None and batch.get("position_ids") is not None:
+        ids, positions = token_ids.cpu(), batch["position_ids"].cpu()
+        for key in ids.unique().tolist():
+            if key < 0:
+                continue
+            stored = _stored(scores, key, source)
+            where = ids == key
+            pos = positions[where]
+            if int(pos.max()) >= stored.numel():
+                raise ValueError(
+                    f"reference scores in {source} hold {stored.numel()} tokens for example id {key} but the batch "
+                    f"has {int(pos.max()) + 1}: the data changed since scoring (re-run `lightning-tokens score`)."
+                )
+            out[where] = stored[pos]
+        return out.to(labels.device)
+    example_ids = batch.get("example_id")
+    if example_ids is None:
+        raise ValueError("the offline reference needs `example_id` in each batch to look up its scores.")
+    lengths = (
+        batch["attention_mask"].sum(-1).cpu()
+        if batch.get("attention_mask") is not None
+        else torch.full((labels.shape[0],), labels.shape[1])
+    )
+    for row, (key, length) in enumerate(zip(example_ids.cpu().tolist(), lengths.tolist())):
+        stored = _stored(scores, key, source)
+        if stored.numel() != length:
+            raise ValueError(
+                f"reference scores in {source} hold {stored.numel()} tokens for example id {key} but the batch row "
+                f"has {length}: the data or the tokenizer changed since scoring (re-run `lightning-tokens score`)."
+            )
+        out[row, :length] = stored
+    return out.to(labels.device)
+
+
+def _stored(scores: dict[int, Tensor], key: int, source: str) -> Tensor:
+    stored = scores.get(int(key))
+    if stored is None:
+        raise ValueError(
+            f"example id {key} has no reference scores in {source}: score the same data with "
+            "`lightning-tokens score` (ids must match the training data's)."
+        )
+    return stored
