@@ -1,12 +1,15 @@
 """Step time and peak memory of the token-loss pipeline against the model's own loss, in one run.
 
-Variants (each a full Lightning training step: forward, backward, AdamW step):
-  (a) hf_loss   the model's own ``model(input_ids, labels=labels).loss`` (full logits)
-  (b) token_lm  TokenLM, fused token loss, no method
-  (c) dft       TokenLM + the DFT callback
-  no_head       optional floor: the decoder without output head or loss (what any loss path adds to)
-
-Ratios are to (a) on the same device in the same process. A variant may name the fused-loss backend
+Variants (each a full Lightning training step: forward, backward, AdamW step), ratios to a baseline
+measured on the same device in the same process:
+  (a) hf_loss    the model's own ``model(input_ids, labels=labels).loss`` (full logits)
+  (b) token_lm   TokenLM, fused token loss, no method                         (baseline: hf_loss)
+  (c) dft        TokenLM + the DFT callback                                   (baseline: hf_loss)
+  rho1_offline   Rho-1 with reference losses precomputed by ``score``           (baseline: hf_loss)
+  rho1_model     Rho-1 with a separate same-size frozen reference model         (baseline: hf_loss)
+  lora           TokenLM with LoRA r=16 on all linear layers                    (baseline: lora)
+  lora_rho1_adapter_disabled  LoRA + Rho-1, reference = the adapter-disabled base  (baseline: lora)
+  no_head        a floor: the decoder without output head or loss           (baseline: hf_loss) A variant may name the fused-loss backend
 after a colon (``dft:torch``, ``dft:liger``) to compare Liger with the chunked torch path.
 
     python benchmarks/token_loss.py --device cpu                                  # tiny, minutes on 2 cores
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import json
 import statistics
 import time
@@ -26,8 +30,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_tokens.callbacks import DFT
-from lightning_tokens.modules import OptimizerSettings, TokenLM
+from lightning_tokens.callbacks import DFT, ExcessLossSelection
+from lightning_tokens.core.reference import ReferenceSettings
+from lightning_tokens.modules import LoRASettings, OptimizerSettings, TokenLM
+from lightning_tokens.scoring import score_reference
 
 
 class RandomTokens(Dataset):
@@ -44,7 +50,7 @@ class RandomTokens(Dataset):
         ids = torch.randint(0, self.vocab, (self.seq,), generator=g)
         labels = ids.clone()
         labels[: self.seq // 4] = -100
-        return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+        return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "example_id": index}
 
 
 class HFLossLM(TokenLM):
@@ -83,11 +89,57 @@ class StepTimer(pl.Callback):
             self.times.append(time.perf_counter() - self._start)
 
 
+class RandomTokensData(pl.LightningDataModule):
+    def __init__(self, steps: int, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.dataset = RandomTokens(steps, args.batch, args.seq, args.vocab)
+        self.batch_size = args.batch
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.batch_size)
+
+
+LORA = LoRASettings(r=16, alpha=32)
+
+# name -> (module class, TokenLM keyword arguments, method callbacks, baseline the ratio is taken to)
+VARIANTS: dict[str, tuple[type, dict[str, Any], list[str], str]] = {
+    "hf_loss": (HFLossLM, {}, [], "hf_loss"),
+    "no_head": (NoHeadLM, {}, [], "hf_loss"),
+    "token_lm": (TokenLM, {}, [], "hf_loss"),
+    "dft": (TokenLM, {}, ["dft"], "hf_loss"),
+    "rho1_offline": (TokenLM, {"reference": "offline"}, ["rho1"], "hf_loss"),
+    "rho1_model": (TokenLM, {"reference": "model"}, ["rho1"], "hf_loss"),
+    "lora": (TokenLM, {"lora": LORA}, [], "lora"),
+    "lora_rho1_adapter_disabled": (TokenLM, {"lora": LORA, "reference": "adapter_disabled"}, ["rho1"], "lora"),
+}
+
+
+def _reference(mode: str, args: argparse.Namespace, steps: int) -> ReferenceSettings:
+    if mode == "model":
+        return ReferenceSettings(mode="model", model=args.preset, model_config={"vocab_size": args.vocab})
+    if mode == "offline":
+        path = os.path.join(args.workdir, "reference_scores.safetensors")
+        if not os.path.exists(path):  # scored once, by the same path users take (`lightning-tokens score`)
+            scorer = TokenLM(model=args.preset, tokenizer="char", model_config={"vocab_size": args.vocab})
+            dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+            with torch.device(args.device):
+                scorer.configure_model()
+            scorer.to(dtype)
+            score_reference(scorer, RandomTokensData(steps, args), path, device=args.device)
+            del scorer
+        return ReferenceSettings(mode="offline", scores_file=path)
+    return ReferenceSettings(mode=mode)
+
+
 def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cuda = args.device == "cuda"
     torch.manual_seed(0)
-    method, _, backend = name.partition(":")
-    cls = {"hf_loss": HFLossLM, "no_head": NoHeadLM}.get(method, TokenLM)
+    variant, _, backend = name.partition(":")
+    cls, kwargs, methods, baseline = VARIANTS[variant]
+    steps = args.warmup + args.steps
+    kwargs = dict(kwargs)
+    if "reference" in kwargs:
+        kwargs["reference"] = _reference(kwargs["reference"], args, steps)
     model = cls(
         model=args.preset,
         tokenizer="char",
@@ -95,10 +147,10 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         optimizer=OptimizerSettings(lr=1e-5, warmup=0),
         generate_in_validation=False,
         loss_backend=backend or "auto",
+        **kwargs,
     )
     timer = StepTimer(args.warmup, cuda)
-    callbacks: list[pl.Callback] = [timer] + ([DFT()] if method == "dft" else [])
-    steps = args.warmup + args.steps
+    callbacks: list[pl.Callback] = [timer] + [{"dft": DFT, "rho1": ExcessLossSelection}[m]() for m in methods]
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu",
         devices=1,
@@ -110,10 +162,10 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         enable_model_summary=False,
         callbacks=callbacks,
     )
-    data = DataLoader(RandomTokens(steps, args.batch, args.seq, args.vocab), batch_size=args.batch)
-    trainer.fit(model, data)
+    trainer.fit(model, datamodule=RandomTokensData(steps, args))
     result = {
         "variant": name,
+        "baseline": baseline,
         "step_s": statistics.median(timer.times),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
     }
@@ -136,25 +188,29 @@ def main() -> None:
     parser.add_argument("--precision", default=None, help="Lightning precision; default bf16-true on CUDA, 32 on CPU")
     parser.add_argument("--variants", default="hf_loss,token_lm,dft")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--workdir", default="runs/benchmark", help="where offline reference scores are written")
     args = parser.parse_args()
     args.precision = args.precision or ("bf16-true" if args.device == "cuda" else "32-true")
 
-    results = [run_variant(name, args) for name in args.variants.split(",")]
-    base = results[0]
+    os.makedirs(args.workdir, exist_ok=True)
+    results = {}
+    for name in args.variants.split(","):
+        results[name] = run_variant(name, args)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"\ndevice: {device} | model {args.preset}, vocab {args.vocab}, {args.batch}x{args.seq} tokens, {args.precision}")
-    print("| variant | step time (s) | × (a) | peak memory (GiB) | × (a) |")
-    print("|---|---|---|---|---|")
-    for row in results:
-        row["time_ratio"] = row["step_s"] / base["step_s"]
-        row["mem_ratio"] = row["peak_gib"] / base["peak_gib"] if base["peak_gib"] == base["peak_gib"] else float("nan")
+    print("| variant | step time (s) | peak memory (GiB) | baseline | time × baseline | memory × baseline |")
+    print("|---|---|---|---|---|---|")
+    for row in results.values():
+        base = results.get(row["baseline"])
+        row["time_ratio"] = row["step_s"] / base["step_s"] if base else float("nan")
+        row["mem_ratio"] = row["peak_gib"] / base["peak_gib"] if base and base["peak_gib"] > 0 else float("nan")
         print(
-            f"| {row['variant']} | {row['step_s']:.4f} | {row['time_ratio']:.3f} | "
-            f"{row['peak_gib']:.2f} | {row['mem_ratio']:.3f} |"
+            f"| {row['variant']} | {row['step_s']:.4f} | {row['peak_gib']:.2f} | {row['baseline']} | "
+            f"{row['time_ratio']:.3f} | {row['mem_ratio']:.3f} |"
         )
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"device": device, "args": vars(args), "results": results}, handle, indent=2)
+            json.dump({"device": device, "args": vars(args), "results": list(results.values())}, handle, indent=2)
 
 
 if __name__ == "__main__":
