@@ -65,3 +65,18 @@ def test_print_config_prints_a_config_that_runs_as_is(tmp_path, capsys):
     printed.write_text(capsys.readouterr().out)
     run = cli(["fit", "--config", str(printed)])
     assert run.trainer.global_step == 3
+
+
+def test_score_then_train_rho1_on_the_offline_reference(tmp_path):
+    config = _quickstart_in(tmp_path)
+    scores = tmp_path / "ref.safetensors"
+    cli(["score", "--config", config, *_fast(tmp_path), f"--output={scores}"])
+    assert scores.exists()
+    run = cli([
+        "fit", "--config", config, *_fast(tmp_path),
+        "--model.init_args.reference.mode=offline", f"--model.init_args.reference.scores_file={scores}",
+        "--trainer.callbacks+=lightning_tokens.callbacks.ExcessLossSelection",
+        "--trainer.callbacks.init_args.ratio=0.5",
+    ])
+    metrics = run.trainer.callback_metrics
+    assert 0.4 < float(metrics["train/ExcessLossSelection/kept_fraction"]) <= 0.6
