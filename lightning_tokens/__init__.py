@@ -21,6 +21,7 @@ _EXPORTS = {
     "TokenMethodOutput": "lightning_tokens.core",
     "TokenStats": "lightning_tokens.core",
     "NUPADataModule": "lightning_tokens.datamodules",
+    "SFTDataModule": "lightning_tokens.datamodules",
     "LoRASettings": "lightning_tokens.modules",
     "OptimizerSettings": "lightning_tokens.modules",
     "TokenLM": "lightning_tokens.modules",

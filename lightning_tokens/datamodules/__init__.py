@@ -9,13 +9,33 @@ from lightning_tokens.datamodules.nupa import (
     generate_nupa_examples,
     iter_nupa_examples,
 )
+from lightning_tokens.datamodules.sft import (
+    FALLBACK_CHAT_TEMPLATE,
+    PackedSFTDataset,
+    SFTCollator,
+    SFTDataError,
+    SFTDataModule,
+    SFTDataset,
+    pack_examples,
+    packed_attention_mask,
+    stable_example_id,
+)
 
 __all__ = [
+    "FALLBACK_CHAT_TEMPLATE",
     "NUPA_TASKS",
     "NUPACollator",
     "NUPADataModule",
     "NUPADataset",
     "NUPAExample",
+    "PackedSFTDataset",
+    "SFTCollator",
+    "SFTDataError",
+    "SFTDataModule",
+    "SFTDataset",
     "generate_nupa_examples",
     "iter_nupa_examples",
+    "pack_examples",
+    "packed_attention_mask",
+    "stable_example_id",
 ]
