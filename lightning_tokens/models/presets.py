@@ -1,4 +1,5 @@
-"""Models built from a config with random weights (the offline default) and hub/local loading."""
+"""Models built from a config with random weights (the offline default), packaged pretrained models
+(:mod:`lightning_tokens.models.packaged`, offline too) and hub/local loading."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from lightning_tokens.models.packaged import PACKAGED_MODELS, check_packaged, is_packaged, packaged_model_path
 
 # name -> (transformers model_type, config kwargs). vocab_size comes from the tokenizer.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -76,13 +79,20 @@ def looks_like_local_path(name: str) -> bool:
 
 
 def check_model_source(name: str, field: str = "model") -> None:
-    """Fail early for a path that does not exist; presets and hub ids pass."""
-    if is_preset(name) or os.path.exists(os.path.expanduser(name)):
+    """Fail early for a path that does not exist or a packaged model whose pip package is missing;
+    presets and hub ids pass."""
+    if is_preset(name):
+        return
+    if is_packaged(name):
+        check_packaged(name)  # raises with the install command
+        return
+    if os.path.exists(os.path.expanduser(name)):
         return
     if looks_like_local_path(name):
         raise ValueError(
             f"{field}={name!r}: no such file or directory. Give an existing local checkpoint folder, a Hugging "
-            f"Face hub id (org/name), or a preset built from config: {', '.join(sorted(PRESETS))}."
+            f"Face hub id (org/name), a packaged pretrained model ({', '.join(sorted(PACKAGED_MODELS))}) or a "
+            f"preset built from config: {', '.join(sorted(PRESETS))}."
         )
 
 
@@ -100,17 +110,22 @@ def load_causal_lm(
     dtype: torch.dtype | None = None,
     quantization_config: Any = None,
 ) -> PreTrainedModel:
-    """A preset built from config (random weights) or a hub id / local folder loaded with its weights."""
+    """A preset built from config (random weights), or a packaged model / hub id / local folder loaded
+    with its weights (a packaged model from its converted cache folder, see
+    :func:`~lightning_tokens.models.packaged.packaged_model_path`)."""
     if is_preset(name):
         if quantization_config is not None:
             raise ValueError(
                 f"model={name!r} is built from config with random weights; 4/8-bit quantization applies to "
-                "pretrained weights: give a hub id or a local checkpoint folder, or set quantization: null."
+                "pretrained weights: give a packaged pretrained model "
+                f"({', '.join(sorted(PACKAGED_MODELS))}), a hub id or a local checkpoint folder, or set "
+                "quantization: null."
             )
         config = build_config(name, vocab_size, overrides)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype) if dtype else AutoModelForCausalLM.from_config(config)
         return model
     check_model_source(name)
+    source = packaged_model_path(name) if is_packaged(name) else os.path.expanduser(name)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -119,9 +134,9 @@ def load_causal_lm(
     if overrides:
         kwargs.update(overrides)
     try:
-        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise ValueError(
-            f"model={name!r} could not be loaded ({err}). Offline, use a local folder or a preset: "
-            f"{', '.join(sorted(PRESETS))}."
+            f"model={name!r} could not be loaded ({err}). Offline, use a local folder, a packaged pretrained "
+            f"model ({', '.join(sorted(PACKAGED_MODELS))}) or a preset: {', '.join(sorted(PRESETS))}."
         ) from err

@@ -1,7 +1,8 @@
 """Tokenizers built in code, and one resolver for every ``tokenizer:`` argument in the library.
 
-Nothing in this module downloads anything unless it is given a Hugging Face Hub id; ``"char"`` and
-local directories work offline.
+Nothing in this module downloads anything unless it is given a Hugging Face Hub id; ``"char"``, packaged
+models (e.g. ``"smollm2-135m-instruct"``, see :mod:`lightning_tokens.models.packaged`) and local
+directories work offline.
 
 Example:
     >>> from lightning_tokens.models.tokenizers import build_char_tokenizer
@@ -18,6 +19,8 @@ import warnings
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from lightning_tokens.models.packaged import is_packaged, packaged_model_path
 
 __all__ = [
     "CHAR_SPECIAL_TOKENS",
@@ -122,9 +125,11 @@ def resolve_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Turn a ``tokenizer:`` config value into a tokenizer that has a pad token.
 
     Args:
-        name_or_path: ``"char"`` for :func:`build_char_tokenizer` (offline); an existing local
-            directory, loaded with ``AutoTokenizer.from_pretrained``; anything else is treated as a
-            Hugging Face Hub id (this may download).
+        name_or_path: ``"char"`` for :func:`build_char_tokenizer` (offline); a packaged model's name
+            (e.g. ``"smollm2-135m-instruct"``: its own tokenizer, with chat template, from the converted
+            cache; the first use converts the package's GGUF file); an existing local directory, loaded
+            with ``AutoTokenizer.from_pretrained``; anything else is treated as a Hugging Face Hub id
+            (this may download).
 
     Returns:
         The tokenizer; if it had no pad token, its eos token is used as pad (see
@@ -132,7 +137,8 @@ def resolve_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
     Raises:
         ValueError: the argument is empty, or the Hub id could not be loaded (offline, unknown id);
-            the message names the ``tokenizer`` argument and suggests ``tokenizer: char``.
+            the message names the ``tokenizer`` argument and suggests ``tokenizer: char``. For a packaged
+            model whose pip package is not installed, the message gives the install command.
 
     Example:
         >>> tok = resolve_tokenizer("char")
@@ -145,7 +151,9 @@ def resolve_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if name == "char":
         return build_char_tokenizer()
     expanded = os.path.expanduser(name)
-    if os.path.isdir(expanded):
+    if is_packaged(name):
+        tokenizer = AutoTokenizer.from_pretrained(packaged_model_path(name))
+    elif os.path.isdir(expanded):
         tokenizer = AutoTokenizer.from_pretrained(expanded)
     else:
         try:
