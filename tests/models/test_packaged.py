@@ -257,14 +257,21 @@ def test_real_pretrained_model_answers_a_chat_question(cache_env):
 
 
 @needs_package
-def test_token_lm_fine_tunes_the_packaged_model_with_lora(cache_env, tmp_path):
+def test_token_lm_fine_tunes_the_packaged_model_with_lora_and_rho1(cache_env, tmp_path):
     import lightning.pytorch as pl
     from peft import PeftModel
     from torch.utils.data import DataLoader
 
+    from lightning_tokens.callbacks import ExcessLossSelection
+    from lightning_tokens.core.reference import ReferenceSettings
     from lightning_tokens.modules.causal_lm import LoRASettings, OptimizerSettings, TokenLM
 
-    lm = TokenLM(model=NAME, lora=LoRASettings(r=8), optimizer=OptimizerSettings(lr=2e-3, warmup=0))
+    lm = TokenLM(
+        model=NAME,
+        lora=LoRASettings(r=8),
+        optimizer=OptimizerSettings(lr=2e-3, warmup=0),
+        reference=ReferenceSettings(mode="adapter_disabled"),
+    )
     assert lm.tokenizer_name == NAME and lm.tokenizer.chat_template  # the model's own tokenizer by default
     lm.configure_model()
     batch = chat_batch(
@@ -285,12 +292,15 @@ def test_token_lm_fine_tunes_the_packaged_model_with_lora(cache_env, tmp_path):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[ExcessLossSelection(ratio=0.6)],
     )
     lm.train()
     trainer.fit(lm, DataLoader([batch], batch_size=None))
+    kept = float(trainer.callback_metrics["train/ExcessLossSelection/kept_fraction"])
+    assert 0.5 < kept <= 0.7  # ceil(0.6 n) of the batch's label tokens
     lm.eval()
     after = loss()
-    print(f"\nLoRA fine-tuning, loss on the batch: {before:.3f} -> {after:.3f}")
+    print(f"\nLoRA + Rho-1 fine-tuning, loss on the batch: {before:.3f} -> {after:.3f}")
     assert after < before - 0.05, (before, after)
 
     lm.save_pretrained(str(tmp_path / "adapter"))
@@ -317,3 +327,31 @@ def test_packaged_model_loads_in_4_bit(cache_env):
         mask = torch.ones_like(prompt)
         out = lm.causal_lm.generate(prompt, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert "Paris" in lm.tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
+
+
+@needs_package
+def test_chat_template_labels_only_the_assistant_tokens(cache_env, tmp_path):
+    from lightning_tokens.datamodules import SFTDataModule
+
+    record = {
+        "id": "capital",
+        "messages": [
+            {"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "And of Italy?"},
+            {"role": "assistant", "content": "Rome."},
+        ],
+    }
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    dm = SFTDataModule(train_file=str(path), tokenizer=NAME, batch_size=1)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    tok = dm.tokenizer
+    labelled = batch["labels"][0] != -100
+    text = tok.decode(batch["input_ids"][0][labelled])
+    # exactly the two assistant turns with their end-of-turn markers, nothing of system/user turns
+    assert text.replace("\n", "") == "Paris.<|im_end|>Rome.<|im_end|>", text
+    unlabelled = tok.decode(batch["input_ids"][0][~labelled])
+    assert QUESTION in unlabelled and "And of Italy?" in unlabelled and "You answer briefly." in unlabelled
