@@ -355,3 +355,26 @@ def test_chat_template_labels_only_the_assistant_tokens(cache_env, tmp_path):
     assert text.replace("\n", "") == "Paris.<|im_end|>Rome.<|im_end|>", text
     unlabelled = tok.decode(batch["input_ids"][0][~labelled])
     assert QUESTION in unlabelled and "And of Italy?" in unlabelled and "You answer briefly." in unlabelled
+
+
+@needs_package
+def test_a_separate_reference_model_loads_frozen_in_4_bit(cache_env):
+    pytest.importorskip("bitsandbytes")
+    from lightning_tokens.core.reference import ReferenceSettings
+    from lightning_tokens.modules.causal_lm import TokenLM
+
+    lm = TokenLM(model="tiny-llama", tokenizer=NAME, model_config={"num_hidden_layers": 1},
+                 reference=ReferenceSettings(mode="model", model=NAME, quantization="nf4"))
+    lm.configure_model()
+    ref = lm.reference_model
+    assert "Linear4bit" in {type(m).__name__ for m in ref.modules()}
+    assert not any(p.requires_grad for p in ref.parameters()) and not ref.training
+    batch = chat_batch(lm.tokenizer, [(QUESTION, "The capital of France is Paris.")])
+    quantized = lm.reference.stats(batch, lm)
+    full = TokenLM(model="tiny-llama", tokenizer=NAME, model_config={"num_hidden_layers": 1},
+                   reference=ReferenceSettings(mode="model", model=NAME))
+    full.configure_model()
+    exact = full.reference.stats(batch, full)
+    # nf4 weights perturb the per-token losses a little, not the model's answer
+    assert exact.nll[exact.mask].mean() < 1.0
+    assert (quantized.nll - exact.nll)[exact.mask].abs().mean() < 0.5
