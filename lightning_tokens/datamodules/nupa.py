@@ -79,7 +79,7 @@ from transformers import PreTrainedTokenizerBase
 from lightning_tokens.datamodules.sampling import ResumableDataMixin
 from lightning_tokens.metrics.nupa import extract_answer as _extract_answer
 from lightning_tokens.metrics.nupa import nupa_metric_collection
-from lightning_tokens.models.tokenizers import ensure_pad_token, resolve_tokenizer
+from lightning_tokens.models.tokenizers import bos_prefix, datamodule_tokenizer
 
 __all__ = [
     "NUPA_TASKS",
@@ -764,37 +764,12 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is not None:
             return self.tokenizer
-        arg = self._tokenizer_arg
-        if isinstance(arg, str):
-            tokenizer = resolve_tokenizer(arg)
-        elif isinstance(arg, PreTrainedTokenizerBase):
-            tokenizer = ensure_pad_token(arg)
-        else:
-            trainer = self.trainer
-            module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-            tokenizer = getattr(module, "tokenizer", None)
-            if tokenizer is None:
-                raise ValueError(
-                    "NUPADataModule(tokenizer=None) uses the LightningModule's `tokenizer` attribute at setup, but "
-                    + ("no trainer is attached" if trainer is None else "the module has no `tokenizer`")
-                    + "; pass tokenizer='char', a local tokenizer directory or a Hub id."
-                )
-            tokenizer = ensure_pad_token(tokenizer)
+        tokenizer = datamodule_tokenizer(self._tokenizer_arg, self.trainer, type(self).__name__)
         if tokenizer.eos_token_id is None:
             raise ValueError("The NUPA datamodule needs a tokenizer with an eos token (it ends every answer).")
         self.tokenizer = tokenizer
-        self._bos_prefix = self._detect_bos(tokenizer)
+        self._bos_prefix = bos_prefix(tokenizer)
         return tokenizer
-
-    @staticmethod
-    def _detect_bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-        """``[bos_token_id]`` if the tokenizer starts encoded text with its bos token, else ``[]``."""
-        bos = tokenizer.bos_token_id
-        if bos is None:
-            return []
-        plain = tokenizer("1", add_special_tokens=False)["input_ids"]
-        special = tokenizer("1", add_special_tokens=True)["input_ids"]
-        return [bos] if len(special) > len(plain) and special[0] == bos else []
 
     def _encode(self, texts: Sequence[str], chunk_size: int = 4096) -> list[array]:
         """Token ids (``array('i')``) of each text without special tokens; repeated texts are encoded once."""

@@ -100,9 +100,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lightning_tokens.datamodules.nupa import NUPADataModule
 from lightning_tokens.datamodules.sampling import ResumableDataMixin
-from lightning_tokens.models.tokenizers import ensure_pad_token, resolve_tokenizer
+from lightning_tokens.models.tokenizers import bos_prefix, datamodule_tokenizer
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
@@ -690,26 +689,11 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is not None:
             return self.tokenizer
-        arg = self._tokenizer_arg
-        if isinstance(arg, str):
-            tokenizer = resolve_tokenizer(arg)
-        elif isinstance(arg, PreTrainedTokenizerBase):
-            tokenizer = ensure_pad_token(arg)
-        else:
-            trainer = self.trainer
-            module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-            tokenizer = getattr(module, "tokenizer", None)
-            if tokenizer is None:
-                raise ValueError(
-                    "SFTDataModule(tokenizer=None) uses the LightningModule's `tokenizer` attribute at setup, but "
-                    + ("no trainer is attached" if trainer is None else "the module has no `tokenizer`")
-                    + "; pass tokenizer='char', a local tokenizer directory or a Hub id."
-                )
-            tokenizer = ensure_pad_token(tokenizer)
+        tokenizer = datamodule_tokenizer(self._tokenizer_arg, self.trainer, type(self).__name__)
         if self.add_eos and tokenizer.eos_token_id is None:
             raise ValueError("add_eos=True needs a tokenizer with an eos token; set add_eos: false or use another tokenizer.")
         self.tokenizer = tokenizer
-        self._bos_prefix = NUPADataModule._detect_bos(tokenizer)
+        self._bos_prefix = bos_prefix(tokenizer)
         return tokenizer
 
     @property

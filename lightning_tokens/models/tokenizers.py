@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import os
 import warnings
 
@@ -166,3 +168,37 @@ def resolve_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
                 "tokenizer, which works offline."
             ) from err
     return ensure_pad_token(tokenizer)
+
+
+def datamodule_tokenizer(arg: Any, trainer: Any, owner: str) -> PreTrainedTokenizerBase:
+    """The tokenizer a datamodule uses: ``arg`` resolved (a name/path or a tokenizer object), or, when
+    ``arg`` is ``None``, the ``tokenizer`` attribute of the trainer's LightningModule.
+
+    Args:
+        arg: the datamodule's ``tokenizer`` argument.
+        trainer: the attached trainer, or ``None``.
+        owner: the datamodule's class name, for the error message.
+    """
+    if isinstance(arg, str):
+        return resolve_tokenizer(arg)
+    if isinstance(arg, PreTrainedTokenizerBase):
+        return ensure_pad_token(arg)
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    tokenizer = getattr(module, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(
+            f"{owner}(tokenizer=None) uses the LightningModule's `tokenizer` attribute at setup, but "
+            + ("no trainer is attached" if trainer is None else "the module has no `tokenizer`")
+            + "; pass tokenizer='char', a local tokenizer directory or a Hub id."
+        )
+    return ensure_pad_token(tokenizer)
+
+
+def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """``[bos_token_id]`` if the tokenizer starts encoded text with its bos token, else ``[]``."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    plain = tokenizer("1", add_special_tokens=False)["input_ids"]
+    special = tokenizer("1", add_special_tokens=True)["input_ids"]
+    return [bos] if len(special) > len(plain) and special[0] == bos else []

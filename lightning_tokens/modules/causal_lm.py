@@ -224,10 +224,10 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
 
     def _loss(self, batch: dict[str, Any]) -> Tensor:
         reference = None
-        if self.reference is not None and self.trainer.training:
-            if any(m.requires_reference for m in token_methods(self.trainer)):
-                # before the training forward: the EMA provider swaps weights in and out
-                reference = self.reference.stats(batch, self)
+        training = self._trainer is not None and self.trainer.training
+        if self.reference is not None and training and any(m.requires_reference for m in token_methods(self.trainer)):
+            # before the training forward: the EMA provider swaps weights in and out
+            reference = self.reference.stats(batch, self)
         hidden = self.hidden_states(batch)
         return self.token_loss(batch["labels"], hidden=hidden, head=self.causal_lm.get_output_embeddings(), batch=batch, reference=reference)
 
