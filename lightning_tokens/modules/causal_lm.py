@@ -181,6 +181,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
                 f"the tokenizer has {len(self.tokenizer)} tokens but model {self.model_name!r} has only "
                 f"{model.get_input_embeddings().weight.shape[0]} embeddings: use the model's own tokenizer."
             )
+        model.train()  # from_pretrained returns eval mode; Lightning keeps submodules' modes as found
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if self.lora is not None:
