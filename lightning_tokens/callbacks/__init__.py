@@ -2,6 +2,7 @@
 
 from lightning_tokens.callbacks.dft import DFT
 from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
+from lightning_tokens.callbacks.qtuning import QTuning
 from lightning_tokens.callbacks.rho1 import ExcessLossSelection
 
-__all__ = ["DFT", "ExcessLossSelection", "JSONLPredictionWriter"]
+__all__ = ["DFT", "ExcessLossSelection", "JSONLPredictionWriter", "QTuning"]

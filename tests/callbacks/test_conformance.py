@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_tokens import DFT, ExcessLossSelection, NUPADataModule, TokenLM
+from lightning_tokens import DFT, ExcessLossSelection, NUPADataModule, QTuning, TokenLM
 from lightning_tokens.core import BatchTokenMethod, TokenMethod
 from lightning_tokens.core.reference import ReferenceSettings
 from lightning_tokens.modules import LoRASettings, OptimizerSettings
@@ -20,6 +20,7 @@ TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num
 METHODS = [
     ("dft", lambda: DFT()),
     ("rho1", lambda: ExcessLossSelection(ratio=0.5)),
+    ("qtuning", lambda: QTuning()),
 ]
 
 
