@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DFT": "lightning_tokens.callbacks",
     "ExcessLossSelection": "lightning_tokens.callbacks",
+    "FAIT": "lightning_tokens.callbacks",
     "QTuning": "lightning_tokens.callbacks",
     "ReferenceSettings": "lightning_tokens.core",
     "JSONLPredictionWriter": "lightning_tokens.callbacks",

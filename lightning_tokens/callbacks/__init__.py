@@ -1,8 +1,9 @@
 """Token methods as Lightning callbacks, one file per method, and utility callbacks."""
 
 from lightning_tokens.callbacks.dft import DFT
+from lightning_tokens.callbacks.fait import FAIT
 from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
 from lightning_tokens.callbacks.qtuning import QTuning
 from lightning_tokens.callbacks.rho1 import ExcessLossSelection
 
-__all__ = ["DFT", "ExcessLossSelection", "JSONLPredictionWriter", "QTuning"]
+__all__ = ["DFT", "FAIT", "ExcessLossSelection", "JSONLPredictionWriter", "QTuning"]

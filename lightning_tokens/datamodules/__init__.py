@@ -9,6 +9,7 @@ from lightning_tokens.datamodules.nupa import (
     generate_nupa_examples,
     iter_nupa_examples,
 )
+from lightning_tokens.datamodules.filters import BranchingDensityFilter, InstructMiningFilter, RecordFilter
 from lightning_tokens.datamodules.sft import (
     FALLBACK_CHAT_TEMPLATE,
     PackedSFTDataset,
@@ -22,7 +23,10 @@ from lightning_tokens.datamodules.sft import (
 )
 
 __all__ = [
+    "BranchingDensityFilter",
     "FALLBACK_CHAT_TEMPLATE",
+    "InstructMiningFilter",
+    "RecordFilter",
     "NUPA_TASKS",
     "NUPACollator",
     "NUPADataModule",

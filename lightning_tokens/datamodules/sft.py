@@ -43,6 +43,11 @@ Optional fields of every record:
   response (``prompt_response``), the text (``text``) or, as a field of an assistant message, that
   message's content (``messages``). A token that overlaps a span gets its weight (the last listed span
   wins where spans overlap); other tokens weigh 1. ``token_weights`` and ``weight_spans`` multiply.
+- ``incorrect`` (``prompt_response`` records only): a functionally incorrect variant of the response
+  (the correct code), for FAIT (:class:`~lightning_tokens.callbacks.fait.FAIT`). The response's
+  characters that a line diff and a character alignment against it flag
+  (:func:`~lightning_tokens.callbacks.fait.edit_masks`) become per-token masks through the offsets (a
+  token is marked when it overlaps a marked character).
 
 Problems in the data raise :class:`SFTDataError` (a ``ValueError``) in ``setup``, before training,
 naming the file, the line (JSON Lines, CSV; 1-based) or array index (JSON), and the field.
@@ -59,6 +64,10 @@ Batches (labels are **not** shifted: the library shifts once, in ``ops``):
 ``position_ids``            ``(B, T)`` long: position within the token's own example.
 ``attention_mask``          ``(B, T)`` long, unpacked batches only (right padding).
 ``example_id``              ``(B,)`` long, unpacked batches only.
+``fait_line_mask``          ``(B, T)`` float32 0/1, only when some record has ``incorrect``: the token lies on
+                            a line of the correct response that the line diff flags; 0 on unlabelled tokens,
+                            the eos, padding and records without ``incorrect``.
+``fait_token_mask``         ``(B, T)`` float32 0/1, likewise: the token overlaps a flagged character.
 ==========================  ===============================================================================
 
 Packing (``packing=True``) puts whole examples into rows of at most ``max_length`` tokens (best-fit in a
@@ -96,10 +105,11 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from lightning_tokens.datamodules.filters import RecordFilter
 from lightning_tokens.datamodules.sampling import ResumableDataMixin
 from lightning_tokens.models.tokenizers import bos_prefix, datamodule_tokenizer
 
@@ -378,10 +388,11 @@ class _Segment:
     text: str
     labelled: list[tuple[int, int]] | None = field(default_factory=list)
     weight_spans: list[tuple[int, int, float]] = field(default_factory=list)
+    char_masks: dict[str, np.ndarray] | None = None  # per-character masks that become per-token fields
 
     @property
     def needs_offsets(self) -> bool:
-        return bool(self.weight_spans) or (self.labelled is not None and len(self.labelled) > 0)
+        return bool(self.weight_spans) or bool(self.char_masks) or (self.labelled is not None and len(self.labelled) > 0)
 
 
 @dataclass
@@ -395,6 +406,7 @@ class _Parsed:
     eos: bool
     eos_labelled: bool
     token_weights: list[float] | None
+    data: dict[str, Any] = field(default_factory=dict)  # the raw record, for record filters
 
 
 def _overlaps(offsets: np.ndarray, start: int, end: int) -> np.ndarray:
@@ -406,7 +418,9 @@ def _overlaps(offsets: np.ndarray, start: int, end: int) -> np.ndarray:
 
 class SFTDataset(Dataset):
     """Tokenized examples: ``input_ids`` (int32), ``labels`` (int32, -100 = no loss) and
-    ``token_weights`` (float32) arrays of equal length, and an integer ``example_id`` each."""
+    ``token_weights`` (float32) arrays of equal length, and an integer ``example_id`` each; optional
+    ``token_fields``: more per-token float32 arrays by name (e.g. FAIT's ``fait_line_mask``), which the
+    collator pads with 0 into ``(B, T)`` batch entries of the same name."""
 
     def __init__(
         self,
@@ -414,14 +428,22 @@ class SFTDataset(Dataset):
         labels: Sequence[np.ndarray],
         token_weights: Sequence[np.ndarray],
         example_ids: Sequence[int],
+        token_fields: dict[str, Sequence[np.ndarray]] | None = None,
     ) -> None:
         self.input_ids = list(input_ids)
         self.labels = list(labels)
         self.token_weights = list(token_weights)
         self.example_ids = [int(i) for i in example_ids]
+        self.token_fields = {name: list(values) for name, values in (token_fields or {}).items()}
         n = len(self.input_ids)
         if not (len(self.labels) == len(self.token_weights) == len(self.example_ids) == n):
             raise ValueError("input_ids, labels, token_weights and example_ids must have one entry per example.")
+        reserved = {"input_ids", "labels", "token_weights", "example_id", "examples"}
+        for name, values in self.token_fields.items():
+            if name in reserved:
+                raise ValueError(f"token field {name!r} clashes with a standard batch key.")
+            if len(values) != n or any(len(v) != len(ids) for v, ids in zip(values, self.input_ids)):
+                raise ValueError(f"token field {name!r} must have one array per example, as long as its input_ids.")
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -430,12 +452,18 @@ class SFTDataset(Dataset):
         return [len(ids) for ids in self.input_ids]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {
+        item = {
             "input_ids": self.input_ids[index],
             "labels": self.labels[index],
             "token_weights": self.token_weights[index],
             "example_id": self.example_ids[index],
         }
+        for name, values in self.token_fields.items():
+            item[name] = values[index]
+        return item
+
+
+_ITEM_KEYS = frozenset({"input_ids", "labels", "token_weights", "example_id"})
 
 
 class PackedSFTDataset(Dataset):
@@ -491,6 +519,7 @@ class SFTCollator:
         token_example_ids = torch.full(size, -1, dtype=torch.long)
         position_ids = torch.zeros(size, dtype=torch.long)
         attention_mask = torch.zeros(size, dtype=torch.long)
+        extra = {key: torch.zeros(size, dtype=torch.float32) for key in rows[0][0] if key not in _ITEM_KEYS}
         for r, row in enumerate(rows):
             cursor = 0
             for example in row:
@@ -499,6 +528,8 @@ class SFTCollator:
                 input_ids[r, cursor:end] = torch.from_numpy(np.asarray(example["input_ids"], dtype=np.int64))
                 labels[r, cursor:end] = torch.from_numpy(np.asarray(example["labels"], dtype=np.int64))
                 weights[r, cursor:end] = torch.from_numpy(np.asarray(example["token_weights"], dtype=np.float32))
+                for key, values in extra.items():
+                    values[r, cursor:end] = torch.from_numpy(np.asarray(example[key], dtype=np.float32))
                 token_example_ids[r, cursor:end] = int(example["example_id"])
                 position_ids[r, cursor:end] = torch.arange(n)
                 cursor = end
@@ -513,6 +544,7 @@ class SFTCollator:
             "token_weights": weights,
             "token_example_ids": token_example_ids,
             "position_ids": position_ids,
+            **extra,
         }
         if not packed:
             batch["attention_mask"] = attention_mask
@@ -554,6 +586,12 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
         - Every data error is raised at ``setup`` with the file, line (or index) and field.
         - Exact mid-epoch resume of the training order (:class:`ResumableShuffleSampler`).
         - ``predict`` on prompts or chats (generation prompt added), left-padded.
+        - FAIT code pairs: ``{prompt, response, incorrect}`` records carry per-token edit masks of the
+          correct response (``fait_line_mask``, ``fait_token_mask`` in the batches) for
+          :class:`~lightning_tokens.callbacks.fait.FAIT`.
+        - Data-level ``filters`` (:mod:`lightning_tokens.datamodules.filters`: InstructMining, long-CoT
+          branching density, your own :class:`~lightning_tokens.datamodules.filters.RecordFilter`)
+          select training records before tokenization.
 
     Args:
         train_file: training data (``.jsonl``, ``.json`` or ``.csv``).
@@ -588,9 +626,18 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
         add_eos: append the tokenizer's eos (labelled) to responses, texts and fallback-template chats.
         max_new_tokens: generation length for ``predict`` (also the room kept free when long
             prediction prompts are cut from the left).
+        filters: :class:`~lightning_tokens.datamodules.filters.RecordFilter` objects applied in order to the
+            raw training records (after the ``val_fraction`` hold-out; validation and test files are never
+            filtered). Each sees the survivors of the previous one; counts are logged and kept in
+            :attr:`filter_report`.
+        fait_char_diff: character alignment of FAIT's edit masks: ``levenshtein`` (a minimal edit script,
+            the paper's description) or ``difflib`` (see :func:`~lightning_tokens.callbacks.fait.edit_masks`).
+        fait_insertions: what an insertion in the incorrect code marks in the correct one: ``adjacent``
+            (the line / character on each side) or ``ignore``.
 
     Attributes:
         example_ids: raw ``id`` (or default position) → integer ``example_id``, for every loaded example.
+        filter_report: one ``{"filter", "before", "kept"}`` entry per applied filter.
         tokenizer: the tokenizer, once resolved.
 
     Example:
@@ -634,6 +681,9 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
         val_fraction: float = 0.0,
         add_eos: bool = True,
         max_new_tokens: int = 256,
+        filters: list[RecordFilter] | None = None,
+        fait_char_diff: Literal["levenshtein", "difflib"] = "levenshtein",
+        fait_insertions: Literal["adjacent", "ignore"] = "adjacent",
     ) -> None:
         super().__init__()
         for name, value, allowed in (("format", format, _FORMATS), ("schema", schema, _SCHEMAS), ("truncation", truncation, _POLICIES)):
@@ -649,6 +699,13 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
             raise ValueError("Give either val_file or val_fraction (a hold-out of train_file), not both.")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        if fait_char_diff not in ("levenshtein", "difflib"):
+            raise ValueError(f"fait_char_diff must be one of levenshtein, difflib; got {fait_char_diff!r}.")
+        if fait_insertions not in ("adjacent", "ignore"):
+            raise ValueError(f"fait_insertions must be one of adjacent, ignore; got {fait_insertions!r}.")
+        for f in filters or []:
+            if not isinstance(f, RecordFilter):
+                raise TypeError(f"filters must be RecordFilter objects (lightning_tokens.datamodules.filters), got {type(f).__name__}.")
         tokenizer_name = tokenizer if (tokenizer is None or isinstance(tokenizer, str)) else None
         self.save_hyperparameters({
             "train_file": train_file,
@@ -670,6 +727,9 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
             "val_fraction": val_fraction,
             "add_eos": add_eos,
             "data_max_new_tokens": max_new_tokens,
+            "filters": [repr(f) for f in filters] if filters else None,
+            "fait_char_diff": fait_char_diff,
+            "fait_insertions": fait_insertions,
         })
         self.train_file, self.val_file, self.test_file, self.predict_file = train_file, val_file, test_file, predict_file
         self.format, self.schema, self.chat_template = format, schema, chat_template
@@ -678,6 +738,9 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.seed = num_workers, seed
         self.val_fraction, self.add_eos, self.max_new_tokens = val_fraction, add_eos, max_new_tokens
+        self.filters: list[RecordFilter] = list(filters or [])
+        self.fait_char_diff, self.fait_insertions = fait_char_diff, fait_insertions
+        self.filter_report: list[dict[str, Any]] = []
 
         self._tokenizer_arg: str | PreTrainedTokenizerBase | None = tokenizer
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -747,6 +810,12 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
         schema = self._schema_of(record)
         eos = self.add_eos
         eos_labelled = True
+        if "incorrect" in data and schema != "prompt_response":
+            raise _error(
+                location, "incorrect",
+                "applies to {prompt, response, incorrect} records only (the response is the correct code, "
+                "incorrect a faulty variant of it, for FAIT).",
+            )
         if schema == "prompt_response":
             prompt = _string(data, "prompt", location)
             response = _string(data, "response", location, empty_ok=False)
@@ -754,7 +823,8 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
                 _weight_spans(data["weight_spans"], len(response), location, "weight_spans", "response text")
                 if "weight_spans" in data else []
             )
-            segments = [_Segment(prompt), _Segment(response, None, spans)]
+            char_masks = self._fait_char_masks(response, _string(data, "incorrect", location)) if "incorrect" in data else None
+            segments = [_Segment(prompt), _Segment(response, None, spans, char_masks)]
             bos = True
         elif schema == "text":
             text = _string(data, "text", location, empty_ok=False)
@@ -769,7 +839,18 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
             bos = not self._uses_template
             eos = eos and not self._uses_template
             eos_labelled = last_is_assistant
-        return _Parsed(location, raw_id, stable_example_id(raw_id), weight, segments, bos, eos, eos_labelled, token_weights)
+        return _Parsed(location, raw_id, stable_example_id(raw_id), weight, segments, bos, eos, eos_labelled, token_weights, data)
+
+    def _fait_char_masks(self, correct: str, incorrect: str) -> dict[str, np.ndarray]:
+        """FAIT's line- and character-level edit masks on the characters of the correct response."""
+        from lightning_tokens.callbacks.fait import (
+            FAIT_LINE_KEY,
+            FAIT_TOKEN_KEY,
+            edit_masks,
+        )
+
+        line, char = edit_masks(correct, incorrect, char_diff=self.fait_char_diff, insertions=self.fait_insertions)
+        return {FAIT_LINE_KEY: line, FAIT_TOKEN_KEY: char}
 
     @staticmethod
     def _plain_messages(messages: Any, location: str) -> list[dict[str, str]]:
@@ -883,12 +964,17 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
         flat = [segment for p in parsed for segment in p.segments]
         encoded = iter(self._tokenize_segments(flat))
         eos_id = tokenizer.eos_token_id
+        field_names = sorted({name for p in parsed for seg in p.segments if seg.char_masks for name in seg.char_masks})
+        if field_names:  # per-character masks (FAIT's): a token is marked when it overlaps a marked character
+            from lightning_tokens.callbacks.fait import char_mask_to_tokens
         inputs, labels_out, weights_out, ids_out = [], [], [], []
+        fields_out: dict[str, list[np.ndarray]] = {name: [] for name in field_names}
         too_long = dropped_long = unlabelled = 0
         for p in parsed:
             ids: list[int] = list(self._bos_prefix) if p.bos else []
             labelled: list[bool] = [False] * len(ids)
             span_weights: list[float] = [1.0] * len(ids)
+            fields: dict[str, list[float]] = {name: [0.0] * len(ids) for name in field_names}
             for segment in p.segments:
                 seg_ids, offsets = next(encoded)
                 n = len(seg_ids)
@@ -904,7 +990,12 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
                 ids.extend(seg_ids)
                 labelled.extend(mask.tolist())
                 span_weights.extend(w.tolist())
+                for name in field_names:
+                    char_mask = (segment.char_masks or {}).get(name)
+                    marked = np.zeros(n, dtype=bool) if char_mask is None else char_mask_to_tokens(char_mask, offsets)
+                    fields[name].extend(marked.astype(np.float32).tolist())
             lab = np.asarray(labelled, dtype=bool)
+            field_arrays = {name: np.asarray(values, dtype=np.float32) for name, values in fields.items()}
             weights = np.asarray(span_weights, dtype=np.float32)
             if p.token_weights is not None:
                 count = int(lab.sum())
@@ -926,6 +1017,7 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
                 ids.append(int(eos_id))
                 lab = np.append(lab, p.eos_labelled)
                 weights = np.append(weights, np.float32(eos_weight))
+                field_arrays = {name: np.append(values, np.float32(0.0)) for name, values in field_arrays.items()}
             ids_arr = np.asarray(ids, dtype=np.int32)
             weights = weights * np.float32(p.weight)
             if len(ids_arr) > self.max_length:
@@ -941,6 +1033,7 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
                     continue
                 keep = self._kept_slice(ids_arr, p.bos)
                 ids_arr, lab, weights = ids_arr[keep], lab[keep], weights[keep]
+                field_arrays = {name: values[keep] for name, values in field_arrays.items()}
             labels = np.where(lab, ids_arr, -100).astype(np.int32)
             labels[0] = -100  # never predicted from a token of its own example
             if not (labels != -100).any():
@@ -950,6 +1043,8 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
             labels_out.append(labels)
             weights_out.append(weights.astype(np.float32))
             ids_out.append(p.example_id)
+            for name, values in field_arrays.items():  # aligned to labels: 0 where no loss is taken
+                fields_out[name].append(np.where(labels != -100, values, np.float32(0.0)).astype(np.float32))
         total = len(parsed)
         if too_long and self.truncation != "error":
             action = "dropped" if self.truncation == "drop" else f"cut ({self.truncation})"
@@ -963,7 +1058,7 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
             )
         if not inputs:
             raise ValueError(f"SFT {split}: no example is left ({total} read); check max_length and truncation.")
-        return SFTDataset(inputs, labels_out, weights_out, ids_out)
+        return SFTDataset(inputs, labels_out, weights_out, ids_out, fields_out or None)
 
     def _kept_slice(self, ids: np.ndarray, has_bos: bool) -> np.ndarray:
         n, budget = len(ids), self.max_length
@@ -1076,8 +1171,25 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
         if "train" in self._datasets:
             return
         for name, parsed in self._split_records().items():
+            if name == "train":
+                parsed = self._apply_filters(parsed)
             self._register_ids(parsed)
             self._datasets[name] = self._build_examples(parsed, name)
+
+    def _apply_filters(self, parsed: list[_Parsed]) -> list[_Parsed]:
+        """The training records that every filter keeps (each filter sees the previous one's survivors)."""
+        self.filter_report = []
+        for record_filter in self.filters:
+            before = len(parsed)
+            keep = record_filter.keep([p.data for p in parsed], self.tokenizer)
+            if len(keep) != before:
+                raise ValueError(f"{record_filter!r} returned {len(keep)} keep flags for {before} records.")
+            parsed = [p for p, k in zip(parsed, keep) if k]
+            self.filter_report.append({"filter": type(record_filter).__name__, "before": before, "kept": len(parsed)})
+            rank_zero_info(f"SFT train: {type(record_filter).__name__} kept {len(parsed)}/{before} records.")
+            if not parsed:
+                raise ValueError(f"SFT train: {record_filter!r} kept no record of {before}; loosen its threshold or fraction.")
+        return parsed
 
     def _prepare_file_split(self, split: Literal["val", "test"]) -> None:
         if split in self._datasets:
