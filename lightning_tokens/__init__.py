@@ -15,6 +15,8 @@ _EXPORTS = {
     "ExcessLossSelection": "lightning_tokens.callbacks",
     "FAIT": "lightning_tokens.callbacks",
     "QTuning": "lightning_tokens.callbacks",
+    "SafetyShaping": "lightning_tokens.callbacks",
+    "SSToken": "lightning_tokens.callbacks",
     "ReferenceSettings": "lightning_tokens.core",
     "JSONLPredictionWriter": "lightning_tokens.callbacks",
     "BatchTokenMethod": "lightning_tokens.core",

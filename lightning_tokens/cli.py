@@ -4,6 +4,7 @@
     lightning-tokens validate --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
     lightning-tokens predict --config configs/quickstart.yaml --ckpt_path ... --predictions.output answers.jsonl
     lightning-tokens score --config reference.yaml --output reference_scores.safetensors
+    lightning-tokens star_score --config configs/star_dss.yaml --guardrail '{class_path: ..., init_args: ...}' --output v.safetensors
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import lightning_tokens.callbacks  # noqa: F401
 import lightning_tokens.datamodules  # noqa: F401
 import lightning_tokens.modules  # noqa: F401
 from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
+from lightning_tokens.callbacks.safety_shaping import ChunkPrefix
+from lightning_tokens.guardrails import Guardrail
 
 
 class TokensTrainer(pl.Trainer):
@@ -41,6 +44,30 @@ class TokensTrainer(pl.Trainer):
 
         trainer_score(self, model, datamodule, output, ckpt_path)
 
+    def star_score(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        guardrail: Guardrail,
+        output: str = "star_scores.safetensors",
+        chunk_size: int = 5,
+        chunk_prefix: ChunkPrefix = "chunk_end",
+    ) -> None:
+        """STAR-DSS: score every training response's chunk prefixes with a guardrail, write per-token
+        P(safe) to ``output`` for ``SafetyShaping(scores_file=...)``.
+
+        Args:
+            model: the module whose tokenizer the datamodule uses.
+            datamodule: the training data.
+            guardrail: a :class:`~lightning_tokens.guardrails.Guardrail` (``class_path`` + ``init_args``).
+            output: the safetensors file to write.
+            chunk_size: tokens per chunk (M).
+            chunk_prefix: which prefix scores a chunk (see ``SafetyShaping``).
+        """
+        from lightning_tokens.callbacks.safety_shaping import trainer_star_score
+
+        trainer_star_score(self, model, datamodule, output, guardrail, chunk_size, chunk_prefix)
+
 
 class TokensCLI(LightningCLI):
     """LightningCLI with a ``score`` subcommand and the prediction writer as ``--predictions.output``."""
@@ -48,7 +75,11 @@ class TokensCLI(LightningCLI):
     @staticmethod
     @override
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "score": {"model", "datamodule"}}
+        return {
+            **LightningCLI.subcommands(),
+            "score": {"model", "datamodule"},
+            "star_score": {"model", "datamodule"},
+        }
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

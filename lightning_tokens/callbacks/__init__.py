@@ -5,5 +5,7 @@ from lightning_tokens.callbacks.fait import FAIT
 from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
 from lightning_tokens.callbacks.qtuning import QTuning
 from lightning_tokens.callbacks.rho1 import ExcessLossSelection
+from lightning_tokens.callbacks.safety_shaping import SafetyShaping
+from lightning_tokens.callbacks.sstoken import SSToken
 
-__all__ = ["DFT", "FAIT", "ExcessLossSelection", "JSONLPredictionWriter", "QTuning"]
+__all__ = ["DFT", "FAIT", "ExcessLossSelection", "JSONLPredictionWriter", "QTuning", "SSToken", "SafetyShaping"]

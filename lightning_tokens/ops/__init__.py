@@ -17,6 +17,7 @@ from lightning_tokens.ops.dispatch import (
     linear_nll_entropy,
     resolve_backend,
 )
+from lightning_tokens.ops.kl import linear_kl
 from lightning_tokens.ops.liger import is_liger_available
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "is_liger_available",
     "linear_cross_entropy",
     "linear_entropy",
+    "linear_kl",
     "linear_logprobs",
     "linear_nll_entropy",
     "resolve_backend",
