@@ -9,6 +9,9 @@ measured on the same device in the same process:
   rho1_model     Rho-1 with a separate same-size frozen reference model         (baseline: hf_loss)
   lora           TokenLM with LoRA r=16 on all linear layers                    (baseline: lora)
   lora_rho1_adapter_disabled  LoRA + Rho-1, reference = the adapter-disabled base  (baseline: lora)
+  qtuning        Q-Tuning, entropy from the fused NLL pass                    (baseline: hf_loss)
+  sstoken_offline  ssToken with offline history losses   (baseline: rho1_offline, the same history cost)
+  lora_sstoken_adapter_disabled  LoRA + ssToken, adapter-disabled history (baseline: LoRA + Rho-1, same)
   no_head        a floor: the decoder without output head or loss           (baseline: hf_loss) A variant may name the fused-loss backend
 after a colon (``dft:torch``, ``dft:liger``) to compare Liger with the chunked torch path.
 
@@ -109,9 +112,21 @@ VARIANTS: dict[str, tuple[type, dict[str, Any], list[str], str]] = {
     "dft": (TokenLM, {}, ["dft"], "hf_loss"),
     "rho1_offline": (TokenLM, {"reference": "offline"}, ["rho1"], "hf_loss"),
     "rho1_model": (TokenLM, {"reference": "model"}, ["rho1"], "hf_loss"),
+    "qtuning": (TokenLM, {}, ["qtuning"], "hf_loss"),
+    "sstoken_offline": (TokenLM, {"reference": "offline"}, ["sstoken"], "rho1_offline"),
     "lora": (TokenLM, {"lora": LORA}, [], "lora"),
     "lora_rho1_adapter_disabled": (TokenLM, {"lora": LORA, "reference": "adapter_disabled"}, ["rho1"], "lora"),
+    "lora_sstoken_adapter_disabled": (
+        TokenLM, {"lora": LORA, "reference": "adapter_disabled"}, ["sstoken"], "lora_rho1_adapter_disabled"
+    ),
 }
+
+
+def _method(name: str) -> pl.Callback:
+    from lightning_tokens.callbacks.qtuning import QTuning
+    from lightning_tokens.callbacks.sstoken import SSToken
+
+    return {"dft": DFT, "rho1": ExcessLossSelection, "qtuning": QTuning, "sstoken": SSToken}[name]()
 
 
 def _reference(mode: str, args: argparse.Namespace, steps: int) -> ReferenceSettings:
@@ -150,7 +165,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         **kwargs,
     )
     timer = StepTimer(args.warmup, cuda)
-    callbacks: list[pl.Callback] = [timer] + [{"dft": DFT, "rho1": ExcessLossSelection}[m]() for m in methods]
+    callbacks: list[pl.Callback] = [timer] + [_method(m) for m in methods]
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu",
         devices=1,

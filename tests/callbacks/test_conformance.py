@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_tokens import DFT, ExcessLossSelection, NUPADataModule, QTuning, TokenLM
+from lightning_tokens import DFT, ExcessLossSelection, NUPADataModule, QTuning, SSToken, TokenLM
 from lightning_tokens.core import BatchTokenMethod, TokenMethod
 from lightning_tokens.core.reference import ReferenceSettings
 from lightning_tokens.modules import LoRASettings, OptimizerSettings
@@ -21,6 +21,7 @@ METHODS = [
     ("dft", lambda: DFT()),
     ("rho1", lambda: ExcessLossSelection(ratio=0.5)),
     ("qtuning", lambda: QTuning()),
+    ("sstoken", lambda: SSToken(ratio=0.5)),
 ]
 
 
