@@ -14,6 +14,7 @@ _EXPORTS = {
     "DFT": "lightning_tokens.callbacks",
     "ExcessLossSelection": "lightning_tokens.callbacks",
     "FAIT": "lightning_tokens.callbacks",
+    "GenericLabels": "lightning_tokens.callbacks",
     "QTuning": "lightning_tokens.callbacks",
     "SafetyShaping": "lightning_tokens.callbacks",
     "SSToken": "lightning_tokens.callbacks",

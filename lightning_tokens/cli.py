@@ -4,10 +4,13 @@
     lightning-tokens validate --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
     lightning-tokens predict --config configs/quickstart.yaml --ckpt_path ... --predictions.output answers.jsonl
     lightning-tokens score --config reference.yaml --output reference_scores.safetensors
+    lightning-tokens generic_labels --config configs/whp_generic_labels.yaml --output generic.safetensors
     lightning-tokens star_score --config configs/star_dss.yaml --guardrail '{class_path: ..., init_args: ...}' --output v.safetensors
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -68,6 +71,38 @@ class TokensTrainer(pl.Trainer):
 
         trainer_star_score(self, model, datamodule, output, guardrail, chunk_size, chunk_prefix)
 
+    def generic_labels(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        output: str = "generic_labels.safetensors",
+        reinforced_adapter: str = "runs/whp/reinforced_adapter",
+        anchors_file: str = "data/examples/whp/anchors.json",
+        alpha: float = 5.0,
+        targets: Literal["hard", "soft"] = "hard",
+        top_k: int = 20,
+        seen_penalty: float = 10.0,
+    ) -> None:
+        """Who's Harry Potter step 2: generic targets ``v_base - alpha·ReLU(v_reinforced - v_base)`` for
+        every training example, written to ``output`` for ``GenericLabels(targets_file=...)``.
+
+        Args:
+            model: the baseline (no LoRA).
+            datamodule: the target corpus.
+            output: the safetensors file to write.
+            reinforced_adapter: the LoRA adapter folder (or full model folder) of the reinforced model.
+            anchors_file: JSON dictionary of anchored terms → generic translations.
+            alpha: the strength α.
+            targets: ``hard`` (argmax labels) or ``soft`` (top-k distributions, hard labels too).
+            top_k: kept entries of each soft distribution.
+            seen_penalty: how much translations of anchors already seen are lowered.
+        """
+        from lightning_tokens.unlearning import trainer_generic_labels
+
+        trainer_generic_labels(
+            self, model, datamodule, output, reinforced_adapter, anchors_file, alpha, targets, top_k, seen_penalty
+        )
+
 
 class TokensCLI(LightningCLI):
     """LightningCLI with a ``score`` subcommand and the prediction writer as ``--predictions.output``."""
@@ -79,6 +114,7 @@ class TokensCLI(LightningCLI):
             **LightningCLI.subcommands(),
             "score": {"model", "datamodule"},
             "star_score": {"model", "datamodule"},
+            "generic_labels": {"model", "datamodule"},
         }
 
     @override

@@ -7,5 +7,16 @@ from lightning_tokens.callbacks.qtuning import QTuning
 from lightning_tokens.callbacks.rho1 import ExcessLossSelection
 from lightning_tokens.callbacks.safety_shaping import SafetyShaping
 from lightning_tokens.callbacks.sstoken import SSToken
+from lightning_tokens.callbacks.unlearning import GenericLabels, SavePretrained
 
-__all__ = ["DFT", "FAIT", "ExcessLossSelection", "JSONLPredictionWriter", "QTuning", "SSToken", "SafetyShaping"]
+__all__ = [
+    "DFT",
+    "FAIT",
+    "ExcessLossSelection",
+    "GenericLabels",
+    "JSONLPredictionWriter",
+    "QTuning",
+    "SSToken",
+    "SafetyShaping",
+    "SavePretrained",
+]

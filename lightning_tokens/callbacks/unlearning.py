@@ -1,0 +1,188 @@
+r"""
+Who's Harry Potter: training on generic labels
+^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+
+The last step of Eldan & Russinovich, "Who's Harry Potter? Approximate Unlearning in LLMs" (arXiv
+2310.02238): fine-tune the baseline on the original text with the *generic* targets built by
+:func:`lightning_tokens.unlearning.build_generic_labels` from
+
+.. math::
+
+    v_\mathrm{generic} = v_\mathrm{baseline}(\text{translated text}) - \alpha\,
+    \mathrm{ReLU}\big(v_\mathrm{reinforced}(\text{original text}) - v_\mathrm{baseline}(\text{translated text})\big).
+
+Hard targets replace each label by :math:`\arg\max v_\mathrm{generic}` (cross-entropy to it); soft
+targets replace the per-token loss by the cross-entropy to :math:`\operatorname{softmax}(v_\mathrm{generic})`,
+kept as its top-k ids and probabilities.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
+from lightning_tokens.core.stats import IGNORE_INDEX, TokenStats
+from lightning_tokens.unlearning import (
+    GenericTargets,
+    load_generic_targets,
+    lookup_generic_targets,
+)
+
+__all__ = ["GenericLabels", "SavePretrained", "soft_target_loss"]
+
+TargetMode = Literal["hard", "soft"]
+_IDS, _PROBS = "generic_topk_ids", "generic_topk_probs"
+
+
+def soft_target_loss(logprobs: torch.Tensor, probs: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
+    r"""Cross-entropy to soft targets kept as their top-k: :math:`-\sum_k \tilde p_k \log q_\theta(i_k)`.
+
+    Args:
+        logprobs: ``(..., k)`` the model's log-probabilities of the target ids.
+        probs: ``(..., k)`` the targets' probabilities (all 0 where there is no target).
+        renormalize: divide ``probs`` by their sum, so they form a distribution over the ``k`` ids (the
+            mass outside the top-k is dropped); ``False`` keeps the truncated full-softmax values.
+
+    Example:
+        >>> q = torch.log(torch.tensor([[0.5, 0.25]]))
+        >>> round(soft_target_loss(q, torch.tensor([[0.6, 0.2]])).item(), 6)  # -(0.75 log .5 + .25 log .25)
+        0.866434
+    """
+    p = probs.float()
+    if renormalize:
+        p = p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+    return -(p * logprobs.float()).sum(-1)
+
+
+class GenericLabels(TokenMethod):
+    """WHP unlearning: train on the generic targets built from a reinforced model and anchored terms.
+
+    Reads the file of ``lightning-tokens generic_labels`` (:func:`~lightning_tokens.unlearning.build_generic_labels`)
+    and, before each training forward, looks up every token's target by ``example_id`` / packed
+    ``token_example_ids`` + ``position_ids`` (the tokens must be the ones the targets were built on):
+
+    - ``mode="hard"`` (pre-forward): ``batch["labels"]`` becomes the generic labels, -100 where the file
+      has none (repeated anchored terms, tokens inside a term, tokens without a label in the data). Any
+      module honours it; the loss is the cross-entropy to the new labels.
+    - ``mode="soft"`` (post-forward): the labels are set the same way (the generic argmax, so composed
+      methods such as DFT see the generic label), and the per-token loss is replaced by
+      :func:`soft_target_loss` on ``stats.logprobs(topk_ids)``: log-probabilities of the k stored ids
+      only, never the full ``tokens × vocab`` logits.
+
+    Validation and test losses stay the plain NLL of the *original* text (callbacks act in training
+    only), so ``val/loss`` on the corpus measures forgetting.
+
+    Ambiguities, with the choices made:
+        - hard or soft targets: the paper's Sec. 3 says it takes "the token with maximal logit" as the
+          generic *prediction label*, so ``mode="hard"`` is the default; ``soft`` (a secondary note's
+          reading, a distillation to the full generic distribution) is the option.
+        - soft targets truncated to top-k (the file keeps ``top_k`` ids per token): renormalised over the
+          k ids by default (``renormalize=True``), the usual top-k distillation; with ``False`` the
+          missing mass is simply not trained.
+
+    Args:
+        targets_file: the safetensors file of the generic-labels step (checked at setup, so a config
+            naming a file still to be built parses).
+        mode: ``hard`` (generic argmax labels) or ``soft`` (cross-entropy to the top-k generic
+            distribution; the file must have been built with ``targets=soft``).
+        renormalize: ``soft``: renormalise the top-k probabilities to sum to 1.
+
+    Logs ``target_fraction`` (labelled tokens that keep a target) and ``changed_fraction`` (targets that
+    differ from the text's token).
+
+    Example::
+
+        model = TokenLM(model="smollm2-135m-instruct", lora=LoRASettings())
+        trainer = L.Trainer(max_steps=150, callbacks=[GenericLabels("runs/whp/generic_labels.safetensors")])
+        trainer.fit(model, datamodule=SFTDataModule(train_file="data/examples/whp/corpus.jsonl"))
+    """
+
+    def __init__(self, targets_file: str, mode: TargetMode = "hard", renormalize: bool = True) -> None:
+        if mode not in ("hard", "soft"):
+            raise ValueError(f"GenericLabels(mode={mode!r}): mode must be 'hard' or 'soft'.")
+        self.targets_file = targets_file
+        self.mode = mode
+        self.renormalize = renormalize
+        self._targets: dict[int, GenericTargets] | None = None
+        self._logs: dict[str, torch.Tensor] = {}
+
+    def _load(self) -> dict[int, GenericTargets]:
+        if self._targets is None:
+            targets, metadata = load_generic_targets(self.targets_file)
+            if self.mode == "soft" and metadata.get("targets") != "soft":
+                raise ValueError(
+                    f"GenericLabels(mode='soft') needs soft targets but {self.targets_file!r} holds "
+                    f"{metadata.get('targets')!r} targets: rebuild it with targets=soft, or use mode='hard'."
+                )
+            self._targets = targets
+        return self._targets
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._load()
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        original = batch["labels"]
+        labels, ids, probs = lookup_generic_targets(self._load(), batch, soft=self.mode == "soft", source=self.targets_file)
+        scored = original != IGNORE_INDEX
+        scored[:, 0] = False
+        has = labels != IGNORE_INDEX
+        self._logs = {
+            "target_fraction": has.sum().float() / scored.sum().clamp(min=1),
+            "changed_fraction": (has & (labels != original)).sum().float() / has.sum().clamp(min=1),
+        }
+        batch["labels"] = labels
+        if self.mode == "soft":
+            batch[_IDS], batch[_PROBS] = ids, probs
+
+    @override
+    def compute(self, stats: TokenStats, pl_module: pl.LightningModule) -> TokenMethodOutput:
+        logs = dict(self._logs)
+        if self.mode == "hard":
+            return TokenMethodOutput(logs=logs)
+        ids, probs = stats.batch.get(_IDS), stats.batch.get(_PROBS)
+        if ids is None or probs is None:
+            raise RuntimeError("GenericLabels(mode='soft') found no soft targets in the batch (on_train_batch_start did not run).")
+        loss = soft_target_loss(stats.logprobs(ids.to(stats.labels.device)), probs.to(stats.labels.device), self.renormalize)
+        loss = torch.where(stats.mask, loss, torch.zeros_like(loss))
+        return TokenMethodOutput(loss=loss, logs=logs)
+
+
+class SavePretrained(pl.Callback):
+    """Save the trained model in Hugging Face format when ``fit`` ends: with LoRA, the adapter alone
+    (peft's format), else the full model; with the tokenizer (``TokenLM.save_pretrained``).
+
+    Step 1 of WHP unlearning writes the reinforced adapter with it; the generic-labels step reads it.
+
+    Args:
+        dirpath: the folder to write.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[SavePretrained("runs/whp/reinforced_adapter")])
+        trainer.fit(TokenLM(model="smollm2-135m-instruct", lora=LoRASettings()), datamodule=...)
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(pl_module)
+
+    @rank_zero_only
+    def _save(self, pl_module: pl.LightningModule) -> None:
+        save = getattr(pl_module, "save_pretrained", None)
+        if save is None:
+            raise TypeError(f"SavePretrained needs a module with save_pretrained(path) (TokenLM), got {type(pl_module).__name__}.")
+        os.makedirs(self.dirpath, exist_ok=True)
+        save(self.dirpath)
