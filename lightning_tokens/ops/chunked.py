@@ -96,6 +96,57 @@ def _addmm_(acc: Tensor, mat1: Tensor, mat2: Tensor) -> None:
         acc.add_(torch.mm(mat1, mat2))
 
 
+class _ProjectionGrads:
+    """Gradients of ``hidden``, ``weight`` and ``bias`` of ``logits = hidden @ weight.T + bias``,
+    accumulated chunk by chunk from each chunk's ``d loss / d logits`` (shared by every chunked op)."""
+
+    def __init__(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        needs: tuple[bool, bool, bool],
+        compute_dtype: torch.dtype,
+        stat_dtype: torch.dtype,
+        multi_chunk: bool,
+    ) -> None:
+        (n, d), v = hidden.shape, weight.shape[0]
+        need_hidden, self.need_weight, need_bias = needs
+        self.compute_dtype, self.multi_chunk = compute_dtype, multi_chunk
+        self.hidden = torch.empty(n, d, device=hidden.device, dtype=hidden.dtype) if need_hidden else None
+        self.weight = None
+        if self.need_weight and multi_chunk:
+            acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            self.weight = torch.zeros(v, d, device=hidden.device, dtype=acc_dtype)
+        self.bias = torch.zeros(v, device=hidden.device, dtype=stat_dtype) if need_bias else None
+
+    def add_bias(self, grad_logits: Tensor) -> None:
+        if self.bias is not None:
+            self.bias.add_(grad_logits.sum(dim=0))
+
+    def add(self, grad_logits_c: Tensor, hidden_chunk: Tensor, w: Tensor, start: int, end: int) -> None:
+        """Accumulate one chunk; ``grad_logits_c`` is already in the matmul dtype (the caller frees its
+        float32 original first, so the two never coexist at the peak)."""
+        if self.hidden is not None:
+            if self.hidden.dtype == self.compute_dtype:
+                torch.mm(grad_logits_c, w, out=self.hidden[start:end])
+            else:
+                self.hidden[start:end] = torch.mm(grad_logits_c, w)
+        if self.need_weight:
+            if self.multi_chunk:
+                _addmm_(self.weight, grad_logits_c.t(), hidden_chunk)
+            else:
+                self.weight = torch.mm(grad_logits_c.t(), hidden_chunk)
+
+    def result(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        grad_weight = self.weight
+        if self.need_weight and grad_weight is None:  # n == 0
+            grad_weight = torch.zeros_like(weight)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        grad_bias = self.bias.to(bias.dtype) if self.bias is not None else None
+        return self.hidden, grad_weight, grad_bias
+
+
 def _stat_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     """Softmax math runs in float32, or float64 for float64 inputs."""
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
@@ -184,7 +235,6 @@ class _LinearTokenStats(torch.autograd.Function):
             return no_grads
 
         n, d = hidden.shape
-        v = weight.shape[0]
         compute_dtype = ctx.compute_dtype
         stat_dtype = _stat_dtype(compute_dtype)
         device = hidden.device
@@ -203,12 +253,9 @@ class _LinearTokenStats(torch.autograd.Function):
             if grad_entropy is not None:
                 grad_entropy = grad_entropy.to(stat_dtype)
 
-            grad_hidden = torch.empty(n, d, device=device, dtype=hidden.dtype) if need_hidden else None
-            grad_weight = None
-            if need_weight and multi_chunk:
-                acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-                grad_weight = torch.zeros(v, d, device=device, dtype=acc_dtype)
-            grad_bias = torch.zeros(v, device=device, dtype=stat_dtype) if need_bias else None
+            grads = _ProjectionGrads(
+                hidden, weight, (need_hidden, need_weight, need_bias), compute_dtype, stat_dtype, multi_chunk
+            )
 
             for start, end in _chunks(n, ctx.chunk_size):
                 hidden_chunk = hidden[start:end].to(compute_dtype)
@@ -227,30 +274,13 @@ class _LinearTokenStats(torch.autograd.Function):
                 if grad_logprobs is not None:
                     grad_logits.scatter_add_(1, tokens[start:end], grad_logprobs[start:end])
 
-                if grad_bias is not None:
-                    grad_bias.add_(grad_logits.sum(dim=0))
+                grads.add_bias(grad_logits)
                 grad_logits_c = grad_logits.to(compute_dtype)
                 del grad_logits
-                if grad_hidden is not None:
-                    if grad_hidden.dtype == compute_dtype:
-                        torch.mm(grad_logits_c, w, out=grad_hidden[start:end])
-                    else:
-                        grad_hidden[start:end] = torch.mm(grad_logits_c, w)
-                if need_weight:
-                    if multi_chunk:
-                        _addmm_(grad_weight, grad_logits_c.t(), hidden_chunk)
-                    else:
-                        grad_weight = torch.mm(grad_logits_c.t(), hidden_chunk)
+                grads.add(grad_logits_c, hidden_chunk, w, start, end)
                 del grad_logits_c, hidden_chunk
 
-            if need_weight and grad_weight is None:  # n == 0
-                grad_weight = torch.zeros_like(weight)
-
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return (*grads.result(weight, bias), None, None, None, None, None)
 
 
 def linear_token_stats(

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_tokens.ops.chunked import (
-    _addmm_,
+    _ProjectionGrads,
     _chunk_logits,
     _chunks,
     _compute_dtype,
@@ -94,7 +94,6 @@ class _LinearKL(torch.autograd.Function):
             return none
 
         n, d = hidden.shape
-        v = weight.shape[0]
         compute_dtype, ref_dtype = ctx.compute_dtype, ctx.ref_dtype
         stat_dtype = _stat_dtype(compute_dtype)
         device = hidden.device
@@ -107,12 +106,9 @@ class _LinearKL(torch.autograd.Function):
             rb = ref_bias.to(stat_dtype) if ref_bias is not None else None
             grad_kl = grad_kl.to(stat_dtype)
 
-            grad_hidden = torch.empty(n, d, device=device, dtype=hidden.dtype) if need_hidden else None
-            grad_weight = None
-            if need_weight and multi_chunk:
-                acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-                grad_weight = torch.zeros(v, d, device=device, dtype=acc_dtype)
-            grad_bias = torch.zeros(v, device=device, dtype=stat_dtype) if need_bias else None
+            grads = _ProjectionGrads(
+                hidden, weight, (need_hidden, need_weight, need_bias), compute_dtype, stat_dtype, multi_chunk
+            )
 
             for start, end in _chunks(n, ctx.chunk_size):
                 hidden_chunk = hidden[start:end].to(compute_dtype)
@@ -128,30 +124,13 @@ class _LinearKL(torch.autograd.Function):
                     del coef
                 del log_q
 
-                if grad_bias is not None:
-                    grad_bias.add_(grad_logits.sum(dim=0))
+                grads.add_bias(grad_logits)
                 grad_logits_c = grad_logits.to(compute_dtype)
                 del grad_logits
-                if grad_hidden is not None:
-                    if grad_hidden.dtype == compute_dtype:
-                        torch.mm(grad_logits_c, w, out=grad_hidden[start:end])
-                    else:
-                        grad_hidden[start:end] = torch.mm(grad_logits_c, w)
-                if need_weight:
-                    if multi_chunk:
-                        _addmm_(grad_weight, grad_logits_c.t(), hidden_chunk)
-                    else:
-                        grad_weight = torch.mm(grad_logits_c.t(), hidden_chunk)
+                grads.add(grad_logits_c, hidden_chunk, w, start, end)
                 del grad_logits_c, hidden_chunk
 
-            if need_weight and grad_weight is None:  # n == 0
-                grad_weight = torch.zeros_like(weight)
-
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return (*grads.result(weight, bias), None, None, None, None, None)
 
 
 def linear_kl(
