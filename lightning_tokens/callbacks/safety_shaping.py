@@ -22,7 +22,7 @@ In the pipeline the method returns ``weights = V`` and ``extra_loss = (1 − V)�
 reduction ``Σ (w·nll + extra) / N`` turns into exactly the formula above (weights that travel with the
 data multiply both terms; weights of other methods, e.g. DFT, multiply the cross-entropy term only).
 
-Scores come from a file computed once (:func:`precompute_star_scores`, the ``star-score`` command) or
+Scores come from a file computed once (:func:`precompute_star_scores`, the ``star_score`` command) or
 from a guardrail on the fly (the callback scores the batch's decoded prefixes in
 ``on_train_batch_start``). Either way the per-token values are indexed like ``labels``: the value at a
 label position ``t`` is ``V_k`` of the chunk holding the response token ``labels[:, t]``, where the
@@ -313,7 +313,7 @@ def load_star_scores(path: str) -> tuple[dict[int, Tensor], dict[str, str]]:
     if metadata.get("format") != STAR_FORMAT:
         raise ValueError(
             f"{path} is not a STAR score file (format {metadata.get('format')!r}): compute one with "
-            "`lightning-tokens star-score` (precompute_star_scores)."
+            "`lightning-tokens star_score` (precompute_star_scores)."
         )
     return load_reference_scores(path), metadata
 
@@ -450,7 +450,7 @@ class SafetyShaping(TokenMethod):
     reference's hidden states and output head; the ``offline`` mode has per-token losses only, so it
     works with ``kl_estimator="k3"`` alone.
 
-    Scores: ``scores_file`` from :func:`precompute_star_scores` / ``lightning-tokens star-score`` (the
+    Scores: ``scores_file`` from :func:`precompute_star_scores` / ``lightning-tokens star_score`` (the
     paper's way: one guardrail pass before training), or ``guardrail`` to score each batch on the fly in
     ``on_train_batch_start`` (⌈T/M⌉ guardrail forwards per example and step). Give exactly one.
 
@@ -518,7 +518,7 @@ class SafetyShaping(TokenMethod):
         if (scores_file is None) == (guardrail is None):
             raise ValueError(
                 f"{name} needs exactly one source of STAR values: `scores_file` (precomputed with "
-                "`lightning-tokens star-score`) or `guardrail` (scored on the fly)."
+                "`lightning-tokens star_score`) or `guardrail` (scored on the fly)."
             )
         if chunk_size < 1:
             raise ValueError(f"{name}(chunk_size={chunk_size}): chunk_size must be >= 1.")
@@ -568,7 +568,7 @@ class SafetyShaping(TokenMethod):
         if not os.path.exists(path):
             raise ValueError(
                 f"{self.name}(scores_file={path!r}): no such file; compute it first with `lightning-tokens "
-                "star-score --config <config> --guardrail ... --output FILE` (precompute_star_scores)."
+                "star_score --config <config> --guardrail ... --output FILE` (precompute_star_scores)."
             )
         scores, metadata = load_star_scores(path)
         stored = (int(metadata.get("chunk_size", self.chunk_size)), metadata.get("chunk_prefix", self.chunk_prefix))
@@ -603,7 +603,7 @@ class SafetyShaping(TokenMethod):
             return lookup_reference_nll(self._scores, batch, self.scores_file)
         except ValueError as err:
             raise ValueError(
-                f"{err} [{self.name}: the STAR scores no longer match the data; re-run `lightning-tokens star-score`]"
+                f"{err} [{self.name}: the STAR scores no longer match the data; re-run `lightning-tokens star_score`]"
             ) from None
 
     def _values(self, stats: TokenStats, pl_module: pl.LightningModule | None) -> Tensor:
@@ -621,7 +621,7 @@ class SafetyShaping(TokenMethod):
         if torch.isnan(active).any():
             raise ValueError(
                 f"{self.name}: {int(torch.isnan(active).sum())} labelled tokens have no STAR value (the scores were "
-                "computed on other labels): re-run `lightning-tokens star-score` on this data."
+                "computed on other labels): re-run `lightning-tokens star_score` on this data."
             )
         if (active < 0).any() or (active > 1).any():
             raise ValueError(f"{self.name}: STAR values must lie in [0, 1].")
