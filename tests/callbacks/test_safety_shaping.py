@@ -458,7 +458,7 @@ def test_configuration_errors_name_the_fix(tmp_path):
         load_star_scores(ref)
     # the data changed since scoring: a response got longer
     changed = _write(tmp_path, [dict(r, response=r["response"] + "?") for r in RECORDS])
-    with pytest.raises(ValueError, match="star-score"):
+    with pytest.raises(ValueError, match="star_score"):
         _trainer(max_steps=1, callbacks=[SafetyShaping(scores_file=star, chunk_size=3)]).fit(_model(**lora), datamodule=_data(changed))
 
 
