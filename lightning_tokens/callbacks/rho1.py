@@ -101,12 +101,7 @@ class ExcessLossSelection(TokenMethod):
 
     @override
     def compute(self, stats: TokenStats, pl_module: pl.LightningModule) -> TokenMethodOutput:
-        if stats.reference is None:
-            raise RuntimeError(
-                "ExcessLossSelection got no reference statistics: configure the module's `reference` "
-                "(adapter_disabled, model, ema or offline)."
-            )
-        ref_nll = stats.reference.nll.to(stats.nll.device)
+        ref_nll = self.reference_of(stats).nll.to(stats.nll.device)
         keep = select_by_excess_loss(stats.nll, ref_nll, stats.mask, self.ratio, self.scope)
         excess = (stats.nll.detach() - ref_nll)[stats.mask]
         kept = keep[stats.mask].bool()

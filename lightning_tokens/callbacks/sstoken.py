@@ -224,11 +224,11 @@ class SSToken(TokenMethod):
 
     @override
     def compute(self, stats: TokenStats, pl_module: pl.LightningModule) -> TokenMethodOutput:
-        if stats.reference is None:
-            raise RuntimeError(
-                "SSToken got no history (reference) statistics: configure the module's `reference` "
-                "(ema for the paper's history, adapter_disabled or offline for the code's fixed base model)."
-            )
+        self.reference_of(
+            stats,
+            "ema for the paper's history, adapter_disabled or offline for the code's fixed base model",
+            what="history (reference)",
+        )
         if not stats.shift_labels:
             raise ValueError("SSToken needs labels in the Hugging Face convention (shift_labels=True).")
         if not self.probe.attached:

@@ -95,6 +95,14 @@ class TokenMethod(_UniqueTokenCallback):
         """Return weights, a mask or loss terms for the active tokens of ``stats``."""
         raise NotImplementedError
 
+    def reference_of(
+        self, stats: TokenStats, modes: str = "adapter_disabled, model, ema or offline", what: str = "reference"
+    ) -> Any:
+        """``stats.reference``, or an error naming the modes to configure when the module computed none."""
+        if stats.reference is None:
+            raise RuntimeError(f"{self.name} got no {what} statistics: configure the module's `reference` ({modes}).")
+        return stats.reference
+
 
 class BatchTokenMethod(_UniqueTokenCallback):
     """Base class of pre-forward token methods: weights that are known before the forward pass.
