@@ -20,7 +20,8 @@ on the filtered labels), which is what the pipeline's reduction does with a mask
 
 The arithmetic follows ``filter_tokens_with_attention_loss`` of the authors' code (``jianke0604/ssToken``
 ``scripts/finetune.py``); the attention comes from :class:`~lightning_tokens.core.attention_probe.AttentionProbe`,
-which re-runs only the last layer's attention from its cached input, like ``scripts/finetune_with_hook.py``.
+which computes the last layer's queries and keys in a forward hook and the attention from them, like
+``scripts/finetune_with_hook.py``.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ class SSToken(TokenMethod):
         try:
             return self.probe.attention_to(keys).to(stats.labels.device)
         finally:
-            self.probe.clear()  # the cached (B, T, D) input is not needed past this step
+            self.probe.clear()  # the cached queries and keys are not needed past this step
 
     @override
     def compute(self, stats: TokenStats, pl_module: pl.LightningModule) -> TokenMethodOutput:

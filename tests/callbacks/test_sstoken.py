@@ -1,8 +1,11 @@
 """ssToken: the selection against a float64 transcription of the reference's semantics and the spec's
 hand-computed case, the attention probe against eager ``output_attentions``, and training end to end."""
 
+import contextlib
+import copy
 import importlib.util
 import math
+import socket
 
 import lightning.pytorch as pl
 import pytest
@@ -22,6 +25,7 @@ from lightning_tokens.core import ReferenceStats, TokenStats
 from lightning_tokens.core.attention_probe import (
     AttentionProbe,
     attention_mass,
+    attention_mass_from_qk,
     prompt_key_mask,
     segment_ids_from_positions,
 )
@@ -215,6 +219,21 @@ def _padded_inputs():
     return ids, mask, labels
 
 
+@contextlib.contextmanager
+def _layer_input(layer):
+    """Records what ``layer`` receives in the forwards run inside the block (hidden states, rotary)."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.update(hidden_states=args[0] if args else kwargs["hidden_states"], position_embeddings=kwargs["position_embeddings"])
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])  # MHA; GQA with q/k biases
 def test_probe_equals_eager_output_attentions_with_right_padding(preset, impl):
@@ -249,7 +268,8 @@ def test_probe_on_packed_rows_equals_each_example_alone():
     labels[0, 7:9] = -100  # prompt of example b: 2 tokens
     probe = AttentionProbe()
     probe.attach(model)
-    model(input_ids=ids, position_ids=positions, use_cache=False)  # no attention_mask: transformers builds the block mask
+    with _layer_input(probe.layer) as seen:
+        model(input_ids=ids, position_ids=positions, use_cache=False)  # no attention_mask: transformers builds the block mask
     assert probe._input.attention_mask.dim() == 4
     keys = prompt_key_mask(labels, segment_ids=segment_ids_from_positions(positions))
     got = probe.attention_to(keys)[0].double()
@@ -258,13 +278,15 @@ def test_probe_on_packed_rows_equals_each_example_alone():
     torch.testing.assert_close(got, torch.cat([alone_a, alone_b]), atol=1e-5, rtol=0)
     # a flash-attention layer gets no mask for packed rows: the probe splits them by position_ids itself
     layer, cached = probe.layer, probe._input
+    flash = attention_mass_from_qk(cached.queries, cached.keys, keys, None, positions, cached.scaling, split_by_positions=True)
+    torch.testing.assert_close(flash[0].double(), got, atol=1e-6, rtol=0)
     config = layer.self_attn.config
     config._attn_implementation = "flash_attention_2"
-    try:
-        flash = attention_mass(layer, cached.hidden_states, keys, cached.position_embeddings, None, positions)
+    try:  # the same from the layer's input: attention_mass reads the implementation from the layer's config
+        from_layer = attention_mass(layer, seen["hidden_states"], keys, seen["position_embeddings"], None, positions)
     finally:
         config._attn_implementation = "sdpa"
-    torch.testing.assert_close(flash[0].double(), got, atol=1e-6, rtol=0)
+    torch.testing.assert_close(from_layer, flash, atol=0, rtol=0)
     # with a cache transformers does not detect packing: sdpa gets no mask and attends across the whole
     # row, and the probe follows what the model did
     model(input_ids=ids, position_ids=positions, use_cache=True)
@@ -326,19 +348,170 @@ def test_probe_recomputes_without_dropout_and_draws_no_random_numbers():
     probe = AttentionProbe()
     probe.attach(model.causal_lm)
     model.train()
-    model.hidden_states(batch)  # dropout active in the forward
+    with _layer_input(probe.layer) as seen:
+        model.hidden_states(batch)  # dropout active in the forward
     state = torch.get_rng_state()
     first = probe.attention_to(keys)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(probe.attention_to(keys), first)
     # the probed layer's own computation is the eval-mode one, on the recorded (training) input
-    layer, cached = probe.layer, probe._input
     model.eval()
-    expected = attention_mass(layer, cached.hidden_states, keys, cached.position_embeddings, cached.attention_mask)
+    expected = attention_mass(probe.layer, seen["hidden_states"], keys, seen["position_embeddings"], probe._input.attention_mask)
     model.train()
     torch.testing.assert_close(first, expected, atol=0, rtol=0)
     assert all(m.training for m in model.causal_lm.modules() if isinstance(m, torch.nn.Dropout))  # modes restored
     probe.detach()
+
+
+# ---- the probe under FSDP ---------------------------------------------------------------------------------
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of one process, for FSDP on the CPU in the test process."""
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialized")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _fsdp2_pair(checkpointing=False, wrap=None):
+    """A tiny Llama in train mode and a copy with every decoder layer and the root ``fully_shard``-ed, as
+    Lightning's ModelParallelStrategy does (after ``wrap`` of the copy, if given)."""
+    from torch.distributed.fsdp import fully_shard
+
+    plain = _hf("tiny-llama", "sdpa").train()
+    sharded = copy.deepcopy(plain)
+    if checkpointing:
+        sharded.gradient_checkpointing_enable()
+    if wrap is not None:
+        wrap(sharded)
+    for layer in sharded.get_decoder().layers:
+        fully_shard(layer)
+    fully_shard(sharded)
+    return plain, sharded
+
+
+def _checkpoint_decoder_layers(model):
+    """torch's activation-checkpoint wrapper around each decoder layer (FSDP1 in Lightning; torchtitan)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+
+
+def _probe_and_forward(model, ids, mask):
+    probe = AttentionProbe()
+    probe.attach(model)
+    out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return probe, out
+
+
+def test_probe_under_fsdp2_equals_the_unsharded_model(world_of_one):
+    from torch.distributed.tensor import DTensor
+
+    plain, sharded = _fsdp2_pair()
+    ids, mask, labels = _padded_inputs()
+    keys = prompt_key_mask(labels, mask)
+    probe, out = _probe_and_forward(sharded, ids, mask)
+    assert out.logits.requires_grad and probe.records == 1
+    # outside its forward the layer holds shards (DTensors): projections cannot be run there
+    assert isinstance(probe.layer.self_attn.q_proj.weight, DTensor)
+    got = probe.attention_to(keys)
+    plain_probe, _ = _probe_and_forward(plain, ids, mask)
+    torch.testing.assert_close(got, plain_probe.attention_to(keys), atol=1e-6, rtol=0)
+    expected = to_prompt(eager_attention(plain, input_ids=ids, attention_mask=mask), keys)
+    torch.testing.assert_close(got.double()[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=0)
+    probe.detach()
+    layers = sharded.get_decoder().layers
+    assert len(layers[-1]._forward_pre_hooks) == len(layers[0]._forward_pre_hooks)  # only FSDP's own hook left
+
+
+@pytest.mark.parametrize("checkpointing", ["transformers", "checkpoint_wrapper"])
+def test_probe_under_fsdp2_with_activation_checkpointing_and_backward(world_of_one, checkpointing):
+    """transformers checkpoints the layer's ``forward`` (its hooks, FSDP2's and the probe's, run once);
+    torch's ``checkpoint_wrapper`` (applied before ``fully_shard``, as torchtitan does) checkpoints the whole
+    call of the layer, so the backward's recomputation runs the probe's hook again, inside the backward."""
+    wrapper = checkpointing == "checkpoint_wrapper"
+    plain, sharded = _fsdp2_pair(checkpointing=not wrapper, wrap=_checkpoint_decoder_layers if wrapper else None)
+    ids, mask, labels = _padded_inputs()
+    keys = prompt_key_mask(labels, mask)
+    probe, out = _probe_and_forward(sharded, ids, mask)
+    assert type(probe.layer).__name__.endswith("LlamaDecoderLayer") and probe.records == 1
+    before = probe.attention_to(keys)
+    calls_in_backward = []
+    probe.layer.register_forward_pre_hook(lambda *_: calls_in_backward.append(1) and None)
+    out.logits.float().pow(2).mean().backward()
+    if wrapper:
+        assert calls_in_backward == [1] and probe.records == 2  # the hook ran in the backward, unsharded
+    else:
+        assert calls_in_backward == [] and probe.records == 1
+    torch.testing.assert_close(probe.attention_to(keys), before, atol=0, rtol=0)
+    plain_probe, plain_out = _probe_and_forward(plain, ids, mask)
+    plain_out.logits.float().pow(2).mean().backward()
+    torch.testing.assert_close(before, plain_probe.attention_to(keys), atol=1e-6, rtol=0)
+    # the gradients are those of the unsharded model: the hook's extra work changed nothing in the backward
+    for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
+def test_probe_under_fsdp1_with_checkpoint_wrappers(world_of_one):
+    """FSDP1 as Lightning's FSDPStrategy wraps it (decoder layers auto-wrapped, then activation checkpointing
+    inside): the probe hooks the decoder layer inside both wrappers, where FSDP1 unshards it. (With one
+    process FSDP1 does not shard, NO_SHARD: this checks the unwrapping and the backward, not the unshard.)"""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    plain = _hf("tiny-llama", "sdpa").train()
+    inner = copy.deepcopy(plain)
+    wrapped = FullyShardedDataParallel(inner, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), device_id=torch.device("cpu"))
+    _checkpoint_decoder_layers(wrapped)
+    ids, mask, labels = _padded_inputs()
+    keys = prompt_key_mask(labels, mask)
+    probe = AttentionProbe()
+    probe.attach(inner)
+    assert isinstance(inner.get_decoder().layers[-1], FullyShardedDataParallel)
+    assert type(probe.layer) is LlamaDecoderLayer
+    out = wrapped(input_ids=ids, attention_mask=mask, use_cache=False)
+    got = probe.attention_to(keys)
+    out.logits.float().pow(2).mean().backward()
+    assert probe.records == 2  # recorded again in the backward's recomputation
+    plain_probe, _ = _probe_and_forward(plain, ids, mask)
+    torch.testing.assert_close(got, plain_probe.attention_to(keys), atol=1e-6, rtol=0)
+    torch.testing.assert_close(probe.attention_to(keys), got, atol=0, rtol=0)
+
+
+def test_probe_follows_a_peft_modules_to_save_copy_of_the_layer():
+    from peft import LoraConfig, get_peft_model
+
+    # eager: the copy of the layer has its own copy of the config, which eager_attention would not switch
+    peft_model = get_peft_model(_hf("tiny-llama", "eager"), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["layers.1"]))
+    wrapper = peft_model.get_decoder().layers[-1]
+    with torch.no_grad():
+        for p in wrapper.modules_to_save["default"].parameters():
+            p.add_(torch.randn_like(p), alpha=0.3)
+    ids, mask, labels = _padded_inputs()
+    keys = prompt_key_mask(labels, mask)
+    valid = mask.bool()
+    probe = AttentionProbe()
+    probe.attach(peft_model)
+    assert probe.layer is wrapper.modules_to_save["default"]
+    for adapter in (True, False):
+        with contextlib.nullcontext() if adapter else peft_model.disable_adapter():
+            peft_model(input_ids=ids, attention_mask=mask)
+            expected = to_prompt(eager_attention(peft_model, input_ids=ids, attention_mask=mask), keys)
+        torch.testing.assert_close(probe.attention_to(keys).double()[valid], expected[valid], atol=1e-5, rtol=0)
+    assert probe.records == 2
+    probe.detach()
+    assert not wrapper.original_module._forward_pre_hooks and not wrapper.modules_to_save["default"]._forward_pre_hooks
 
 
 # ---- the callback ---------------------------------------------------------------------------------------
