@@ -5,6 +5,7 @@
     lightning-tokens predict --config configs/quickstart.yaml --ckpt_path ... --predictions.output answers.jsonl
     lightning-tokens score --config reference.yaml --output reference_scores.safetensors
     lightning-tokens generic_labels --config configs/whp_generic_labels.yaml --output generic.safetensors
+    lightning-tokens export --config configs/fsdp.yaml --ckpt_path runs/fsdp/checkpoints/last.ckpt --output export/
     lightning-tokens star_score --config configs/star_dss.yaml --guardrail '{class_path: ..., init_args: ...}' --output v.safetensors
 """
 
@@ -14,6 +15,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 # imported so that YAML can name classes by their short names (TokenLM, DFT, NUPADataModule, ...)
@@ -104,6 +106,31 @@ class TokensTrainer(pl.Trainer):
         )
 
 
+    def export(
+        self,
+        model: pl.LightningModule,
+        ckpt_path: str,
+        output: str = "export",
+        format: Literal["hf", "state_dict"] = "hf",
+        datamodule: pl.LightningDataModule | None = None,
+    ) -> None:
+        """Consolidate a training checkpoint (a ``.ckpt`` file or the folder a sharded FSDP run saves)
+        into one artefact, on one process.
+
+        Args:
+            model: the module as configured for training (same model, LoRA, reference).
+            ckpt_path: checkpoint file or sharded checkpoint folder.
+            output: ``hf``: a folder for ``from_pretrained`` (LoRA adapter in peft's format, or the full
+                model) with the tokenizer; ``state_dict``: one ``torch.save`` file.
+            format: ``hf`` or ``state_dict``.
+            datamodule: unused (lets ``export`` read the training config as is).
+        """
+        from lightning_tokens.modules.checkpoints import export_checkpoint
+
+        export_checkpoint(model, ckpt_path, output, format)
+        rank_zero_info(f"exported {ckpt_path} ({format}) to {output}")
+
+
 class TokensCLI(LightningCLI):
     """LightningCLI with a ``score`` subcommand and the prediction writer as ``--predictions.output``."""
 
@@ -115,6 +142,7 @@ class TokensCLI(LightningCLI):
             "score": {"model", "datamodule"},
             "star_score": {"model", "datamodule"},
             "generic_labels": {"model", "datamodule"},
+            "export": {"model", "datamodule"},
         }
 
     @override

@@ -74,7 +74,9 @@ def trainer_score(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl
     datamodule.trainer = trainer
     model.trainer = trainer
     if ckpt_path:
+        from lightning_tokens.modules.checkpoints import consolidated_state_dict, model_weights
+
         model.configure_model()
-        state: dict[str, Any] = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["state_dict"])
+        state: dict[str, Any] = consolidated_state_dict(ckpt_path)
+        model.load_state_dict(model_weights(state["state_dict"]))
     return score_reference(model, datamodule, output, device=trainer.strategy.root_device)

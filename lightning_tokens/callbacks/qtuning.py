@@ -45,7 +45,7 @@ disagree the defaults follow the authors' code, the closest thing to what produc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_tokens.core.distributed import RankScope, check_rank_scope, gather_rows
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
 from lightning_tokens.core.stats import TokenStats
 
@@ -638,6 +639,10 @@ class QTuning(TokenMethod):
             ones).
         sample_unit: ``"example"`` (default): in packed batches (``batch["token_example_ids"]``) each
             packed example is a sample; ``"row"``: each row is a sample.
+        ranks: under data parallelism, ``"local"`` (default): each rank triages and prunes its own
+            samples (quantiles of its share of the batch); ``"global"``: the per-token statistics are
+            gathered from all data-parallel ranks and the selection (quantile thresholds, batch token
+            budget) runs on the global batch, exactly as one process would; each rank keeps its rows.
 
     Deviation from the authors' code: their sample entropy averages over every attended position
     (prompt included) while the PPL averages over label tokens; here both average over the scored
@@ -670,6 +675,7 @@ class QTuning(TokenMethod):
         bisection: Bisection = "joint",
         token_budget: TokenBudget = "sample",
         sample_unit: SampleUnit = "example",
+        ranks: RankScope = "local",
     ) -> None:
         prefix = "QTuning("
         if not 0.0 < sample_ratio <= 1.0:
@@ -705,18 +711,28 @@ class QTuning(TokenMethod):
         self.bisection = bisection
         self.token_budget = token_budget
         self.sample_unit = sample_unit
+        check_rank_scope("QTuning", ranks)
+        self.ranks = ranks
 
-    def select(self, stats: TokenStats) -> QTuningSelection:
-        """The selection on one batch's statistics (what :meth:`compute` masks with)."""
+    def select(self, stats: TokenStats, trainer: pl.Trainer | None = None) -> QTuningSelection:
+        """The selection on one batch's statistics (what :meth:`compute` masks with); with
+        ``ranks="global"`` and a ``trainer`` under data parallelism, on the batch of all ranks (the
+        returned ``keep`` is this rank's rows, the counts are global)."""
         sample_ids = None
         if self.sample_unit == "example":
             ids = stats.batch.get("token_example_ids")
             if ids is not None and ids.shape == stats.labels.shape:
                 sample_ids = ids
-        return qtuning_mask(
-            stats.nll.detach(),
-            stats.entropy.detach(),
-            stats.mask,
+        rows = {"nll": stats.nll.detach().float(), "entropy": stats.entropy.detach().float(), "mask": stats.mask}
+        if sample_ids is not None:
+            rows["sample_ids"] = sample_ids.long()
+        mine = slice(0, stats.mask.shape[0])
+        if self.ranks == "global" and trainer is not None:
+            rows, mine = gather_rows(rows, trainer)
+        selection = qtuning_mask(
+            rows["nll"],
+            rows["entropy"],
+            rows["mask"],
             self.sample_ratio,
             self.token_ratio,
             self.lam,
@@ -728,12 +744,16 @@ class QTuning(TokenMethod):
             edge=self.edge,
             keep=self.keep,
             token_budget=self.token_budget,
-            sample_ids=sample_ids,
+            sample_ids=rows.get("sample_ids"),
         )
+        if mine != slice(0, rows["mask"].shape[0]):
+            width = stats.mask.shape[1]
+            selection = replace(selection, keep=selection.keep[mine, :width], index=selection.index[mine, :width])
+        return selection
 
     @override
     def compute(self, stats: TokenStats, pl_module: pl.LightningModule) -> TokenMethodOutput:
-        selection = self.select(stats)
+        selection = self.select(stats, pl_module.trainer if self.ranks == "global" else None)
         counts = selection.counts
         valid = len(selection.quadrants) - counts["empty"]
         scored = int(stats.mask.sum())

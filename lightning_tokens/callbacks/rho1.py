@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_tokens.core.distributed import RankScope, check_rank_scope, gather_rows
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
 from lightning_tokens.core.stats import TokenStats
 
@@ -79,6 +80,10 @@ class ExcessLossSelection(TokenMethod):
     Args:
         ratio: fraction of scored tokens kept (0.6 for the paper's 1B math runs).
         scope: ``batch`` (the paper: the top tokens of the whole micro-batch) or ``sample`` (per row).
+        ranks: with ``scope="batch"`` under data parallelism: ``local`` (default) selects among each
+            rank's own tokens; ``global`` selects the top tokens of the batch gathered from all
+            data-parallel ranks, exactly what one process would select on the global batch (one
+            all-gather of the scores per step).
 
     Logs ``kept_fraction``, and the mean excess loss of kept and of dropped tokens.
 
@@ -91,18 +96,26 @@ class ExcessLossSelection(TokenMethod):
 
     requires_reference = True
 
-    def __init__(self, ratio: float = 0.6, scope: Scope = "batch") -> None:
+    def __init__(self, ratio: float = 0.6, scope: Scope = "batch", ranks: RankScope = "local") -> None:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"ExcessLossSelection(ratio={ratio}): ratio must lie in (0, 1].")
         if scope not in ("batch", "sample"):
             raise ValueError(f"ExcessLossSelection(scope={scope!r}): scope must be 'batch' or 'sample'.")
+        check_rank_scope("ExcessLossSelection", ranks)
         self.ratio = ratio
         self.scope = scope
+        self.ranks = ranks
 
     @override
     def compute(self, stats: TokenStats, pl_module: pl.LightningModule) -> TokenMethodOutput:
         ref_nll = self.reference_of(stats).nll.to(stats.nll.device)
-        keep = select_by_excess_loss(stats.nll, ref_nll, stats.mask, self.ratio, self.scope)
+        if self.scope == "batch" and self.ranks == "global":
+            rows = {"nll": stats.nll.detach().float(), "ref_nll": ref_nll.float(), "mask": stats.mask}
+            gathered, mine = gather_rows(rows, pl_module.trainer)
+            selected = select_by_excess_loss(gathered["nll"], gathered["ref_nll"], gathered["mask"], self.ratio)
+            keep = selected[mine, : stats.mask.shape[1]]
+        else:
+            keep = select_by_excess_loss(stats.nll, ref_nll, stats.mask, self.ratio, self.scope)
         excess = (stats.nll.detach() - ref_nll)[stats.mask]
         kept = keep[stats.mask].bool()
         logs = {"kept_fraction": kept.float().mean() if kept.numel() else torch.tensor(0.0)}

@@ -35,7 +35,8 @@ class TokenLossMixin:
     Note:
         Automatic optimisation only. Each training step logs ``train/loss`` (token mean of the
         micro-batch), ``train/kept_fraction`` (kept tokens / tokens with labels) and what each method
-        reports under ``train/<MethodName>/``.
+        reports under ``train/<MethodName>/``. Under data parallelism the first two are global (sums
+        all-reduced before dividing) and the methods' logs are averaged over the ranks.
     """
 
     token_loss_backend: str = "auto"
@@ -99,6 +100,8 @@ class TokenLossMixin:
         per_token, weights, keep, extra = stats.nll, _data_weights(stats, batch), stats.mask.clone(), None
         replaced_by = None
         module: pl.LightningModule = self  # type: ignore[assignment]
+        trainer = module._trainer
+        distributed = trainer is not None and trainer.world_size > 1
         for method in methods:
             out: TokenMethodOutput = method.compute(stats, module)
             if out.weights is not None:
@@ -112,7 +115,7 @@ class TokenLossMixin:
             if out.extra_loss is not None:
                 extra = out.extra_loss if extra is None else extra + out.extra_loss
             for key, value in out.logs.items():
-                module.log(f"train/{method.name}/{key}", value, on_step=True, on_epoch=False)
+                module.log(f"train/{method.name}/{key}", value, on_step=True, on_epoch=False, sync_dist=distributed)
         keep = keep & (weights != 0)
         token_loss = weights * per_token if extra is None else weights * per_token + extra
         token_loss = torch.where(keep, token_loss, torch.zeros_like(token_loss))
@@ -121,8 +124,11 @@ class TokenLossMixin:
         divisor = self._token_normalizer.divisor(kept, module._trainer)
         loss_sum = token_loss.sum()
         batch_size = stats.labels.shape[0]
-        module.log("train/loss", (loss_sum / kept.clamp(min=1)).detach(), prog_bar=True, batch_size=batch_size)
-        module.log("train/kept_fraction", kept.float() / labelled.clamp(min=1), batch_size=batch_size)
+        totals = torch.stack([loss_sum.detach().float(), kept.float(), labelled.float()])
+        if distributed:  # the global token mean, not a mean of the ranks' means
+            totals = trainer.strategy.reduce(totals, reduce_op="sum")
+        module.log("train/loss", totals[0] / totals[1].clamp(min=1), prog_bar=True, batch_size=batch_size)
+        module.log("train/kept_fraction", totals[1] / totals[2].clamp(min=1), batch_size=batch_size)
         return loss_sum / divisor
 
     @property

@@ -179,25 +179,47 @@ class EMAReference(ReferenceProvider):
         return {name: p for name, p in module.model.named_parameters() if p.requires_grad}
 
     def setup(self, module: TokenLM) -> None:
+        trainer = getattr(module, "_trainer", None)
+        if trainer is not None and type(trainer.strategy).__name__ == "FSDPStrategy":
+            raise ValueError(
+                "reference.mode=ema under FSDPStrategy is not supported (its flat-parameter shards cannot be swapped "
+                "per tensor): use ModelParallelStrategy (FSDP2), or reference.mode=model / adapter_disabled / offline."
+            )
         if not self.average:
             self.average = {name: p.detach().clone() for name, p in self._tracked(module).items()}
 
-    def _ensure_device(self, params: dict[str, torch.nn.Parameter]) -> None:
+    def match_layout(self, module: TokenLM) -> dict[str, torch.nn.Parameter]:
+        """Give every average the device, dtype and (under FSDP2) the sharding of its parameter; returns
+        the tracked parameters. Averages taken before sharding, or loaded from a full checkpoint, are
+        cut into this rank's shard locally (every rank holds the same full average)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = self._tracked(module)
         for name, p in params.items():
-            if self.average[name].device != p.device or self.average[name].dtype != p.dtype:
-                self.average[name] = self.average[name].to(device=p.device, dtype=p.dtype)
+            average = self.average[name]
+            if isinstance(p, DTensor) and not isinstance(average, DTensor):
+                average = distribute_tensor(
+                    average.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements, src_data_rank=None
+                )
+            elif average.device != p.device or average.dtype != p.dtype:
+                average = average.to(device=p.device, dtype=p.dtype)
+            self.average[name] = average
+        return params
 
     @torch.no_grad()
     def stats(self, batch: dict[str, Any], module: TokenLM) -> TokenStats:
-        params = self._tracked(module)
-        self._ensure_device(params)
+        from lightning_tokens.modules.sharding import reshard_all
+
+        params = self.match_layout(module)
         live = {name: p.detach().clone() for name, p in params.items()}
+        reshard_all(module)  # an FSDP2 root still gathered from an earlier forward would ignore the swap
         try:
             for name, p in params.items():
                 p.copy_(self.average[name])
             hidden = module.hidden_states(batch)
             stats = _frozen_stats(batch, hidden, module.output_head(), module.token_loss_backend)
         finally:
+            reshard_all(module)
             for name, p in params.items():
                 p.copy_(live[name])
         return stats
@@ -207,17 +229,25 @@ class EMAReference(ReferenceProvider):
         self.steps += 1
         if self.steps % self.settings.ema_every:
             return
-        params = self._tracked(module)
-        self._ensure_device(params)
+        params = self.match_layout(module)
         alpha = self.settings.ema_alpha
         averages = [self.average[name] for name in params]
         torch._foreach_lerp_(averages, [p.detach() for p in params.values()], alpha)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"average": {name: t.detach().cpu().clone() for name, t in self.average.items()}, "steps": self.steps}
+        """``average`` (CPU copies; FSDP2-sharded averages stay DTensors, see ``TokenLM.on_save_checkpoint``)
+        and ``steps``."""
+        from torch.distributed.tensor import DTensor
+
+        average = {
+            name: t.detach().clone() if isinstance(t, DTensor) else t.detach().cpu().clone()
+            for name, t in self.average.items()
+        }
+        return {"average": average, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.average = {name: t.clone() for name, t in state["average"].items()}
+        """Restore the averages given (others keep their current values) and the step count."""
+        self.average.update({name: t.clone() for name, t in state["average"].items()})
         self.steps = state["steps"]
 
 

@@ -19,6 +19,8 @@ from lightning_tokens.core.method import token_methods
 from lightning_tokens.core.reference import ReferenceSettings, build_reference
 from lightning_tokens.core.stats import OutputHead
 from lightning_tokens.models.presets import check_model_source, is_preset, load_causal_lm
+from lightning_tokens.modules.checkpoints import load_provider_state, provider_state_for_checkpoint
+from lightning_tokens.modules.sharding import gathered_root, shard_decoder_layers, shard_root, sharding_mesh
 
 QuantizationMode = Literal["nf4", "nf4-dq", "fp4", "int8"]
 
@@ -189,6 +191,12 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         self.model = model
         if self.reference is not None:
             self.reference.setup(self)
+        mesh = sharding_mesh(self)
+        if mesh is not None:  # ModelParallelStrategy: FSDP2, decoder layers as units, this module as root
+            shard_decoder_layers(self.model, mesh)
+            if self.reference_model is not None:
+                shard_decoder_layers(self.reference_model, mesh)
+            shard_root(self, mesh)
 
     @property
     def causal_lm(self) -> torch.nn.Module:
@@ -205,20 +213,26 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
             self.test_metrics = build("test/")
 
     # ---- forward ---------------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-        """Final hidden states ``(B, T, D)``; the output head is applied by the token loss."""
-        decoder = self.causal_lm.get_decoder()
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        causal_lm: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Final hidden states ``(B, T, D)`` of this model, or of ``causal_lm`` (a reference model); the
+        output head is applied by the token loss.
+
+        Every forward, the reference's included, goes through here: under FSDP2 this module is the root
+        unit, whose forward gathers the embeddings, norms and output heads of both models.
+        """
+        decoder = (self.causal_lm if causal_lm is None else causal_lm).get_decoder()
         return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
 
     def hidden_states(self, batch: dict[str, Any], causal_lm: torch.nn.Module | None = None) -> Tensor:
         """Final hidden states of a batch, from this model or another causal LM (a reference)."""
         extra = {k: batch[k] for k in ("position_ids",) if k in batch}
-        if causal_lm is None:
-            return self(batch["input_ids"], batch.get("attention_mask"), **extra)
-        decoder = causal_lm.get_decoder()
-        return decoder(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False, **extra
-        ).last_hidden_state
+        return self(batch["input_ids"], batch.get("attention_mask"), causal_lm=causal_lm, **extra)
 
     def output_head(self) -> OutputHead:
         return OutputHead.from_module(self.causal_lm.get_output_embeddings())
@@ -295,14 +309,15 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
             )
         prompt = batch["prompt_input_ids"]
         tok = self.tokenizer
-        generated = self.causal_lm.generate(
-            input_ids=prompt,
-            attention_mask=batch.get("prompt_attention_mask"),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
+        with gathered_root(self):
+            generated = self.causal_lm.generate(
+                input_ids=prompt,
+                attention_mask=batch.get("prompt_attention_mask"),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
         return tok.batch_decode(generated[:, prompt.shape[1] :], skip_special_tokens=True)
 
     # ---- optimisation ----------------------------------------------------------------------------
@@ -339,12 +354,12 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.reference is not None:
-            checkpoint["reference_provider"] = self.reference.state_dict()
+            checkpoint["reference_provider"] = provider_state_for_checkpoint(self.reference, checkpoint, self.trainer)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.reference is not None and "reference_provider" in checkpoint:
-            self.reference.load_state_dict(checkpoint["reference_provider"])
+            load_provider_state(self.reference, self, checkpoint["reference_provider"], self.trainer)
 
     def save_pretrained(self, path: str) -> None:
         """Save in Hugging Face format with the tokenizer: the LoRA adapter alone (peft's format) when
