@@ -148,6 +148,8 @@ def main() -> None:
         saved = os.path.join(ckpt_dir, f"epoch=0-step={RESUME_AT}.ckpt")
         second = fit(args, method, STEPS, resume=saved)
         results["resumed"] = (first[0] + second[0], second[1])
+        results["at_checkpoint"] = first[1]
+        results["checkpoint"] = saved
         results["sharded_checkpoint"] = os.path.isdir(saved)
         if rank == 0:
             torch.save(results, os.path.join(args.out, f"{args.strategy}_{method}.pt"))
