@@ -116,3 +116,38 @@ def test_export_consolidates_the_sharded_checkpoint(runs, tmp_path, fmt):
     assert set(expected) <= set(exported)
     for name, value in expected.items():
         torch.testing.assert_close(exported[name], value, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_fsdp_config_runs_under_torchrun_and_exports(tmp_path):
+    """``configs/fsdp.yaml`` as documented (torchrun + the CLI), shrunk to a tiny model on 2 CPU processes:
+    it trains with gradient clipping, writes a sharded checkpoint folder, and ``export`` consolidates it."""
+    tiny = "{hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}"
+    root = str(tmp_path / "run")
+    overrides = [
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
+        "--trainer.strategy.init_args.data_parallel_size=2", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+        "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={root}", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", f"--trainer.callbacks.dirpath={root}/checkpoints",
+        "--trainer.callbacks.every_n_train_steps=3",
+        "--model.init_args.model=tiny-llama", "--model.init_args.tokenizer=char", f"--model.init_args.model_config={tiny}",
+        "--model.init_args.reference.model=tiny-llama", f"--model.init_args.reference.model_config={tiny}",
+        "--data.init_args.max_length=128", "--data.init_args.batch_size=2",
+    ]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), "-m", "lightning_tokens.cli", "fit", "--config",
+        os.path.join(ROOT, "configs", "fsdp.yaml"), *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-6000:]
+    folder = os.path.join(root, "checkpoints", "last.ckpt")
+    assert os.path.isdir(folder) and os.path.isfile(os.path.join(folder, "meta.pt"))
+
+    from lightning_tokens.cli import cli
+
+    output = str(tmp_path / "export")
+    cli(["export", "--config", os.path.join(ROOT, "configs", "fsdp.yaml"), *overrides[:1], "--trainer.devices=1",
+         "--trainer.strategy=auto", *overrides[-7:], f"--ckpt_path={folder}", f"--output={output}"])
+    assert os.path.isfile(os.path.join(output, "model.safetensors"))
