@@ -12,17 +12,27 @@ measured on the same device in the same process:
   qtuning        Q-Tuning, entropy from the fused NLL pass                    (baseline: hf_loss)
   sstoken_offline  ssToken with offline history losses   (baseline: rho1_offline, the same history cost)
   lora_sstoken_adapter_disabled  LoRA + ssToken, adapter-disabled history (baseline: LoRA + Rho-1, same)
-  no_head        a floor: the decoder without output head or loss           (baseline: hf_loss) A variant may name the fused-loss backend
-after a colon (``dft:torch``, ``dft:liger``) to compare Liger with the chunked torch path.
+  no_head        a floor: the decoder without output head or loss           (baseline: hf_loss)
+  lora_bf16      LoRA r=16 on all linear layers, weights in the run's precision (bf16-true on CUDA)
+  qlora_nf4      QLoRA: the base loaded in 4-bit NF4 by transformers' BitsAndBytesConfig, LoRA on top
+                 (baseline: lora_bf16)
+  qlora_nf4_rho1 QLoRA + Rho-1 against the adapter-disabled (4-bit) base        (baseline: qlora_nf4)
+A variant may name the fused-loss backend after a colon (``dft:torch``, ``dft:liger``) to compare Liger
+with the chunked torch path. Quantized variants load the preset's random weights from a checkpoint folder
+saved once under ``--workdir`` (quantization applies to weights loaded with ``from_pretrained``); when the
+three QLoRA rows run, their two target ratios are printed under the table.
 
     python benchmarks/token_loss.py --device cpu                                  # tiny, minutes on 2 cores
     python benchmarks/token_loss.py --device cuda --preset llama-1.5b --vocab 128256 --batch 8 --seq 4096
+    python benchmarks/token_loss.py --device cuda --preset llama-1b --batch 2 --seq 1024 --gradient-checkpointing \
+        --variants lora_bf16,qlora_nf4,qlora_nf4_rho1
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import json
 import statistics
@@ -119,7 +129,17 @@ VARIANTS: dict[str, tuple[type, dict[str, Any], list[str], str]] = {
     "lora_sstoken_adapter_disabled": (
         TokenLM, {"lora": LORA, "reference": "adapter_disabled"}, ["sstoken"], "lora_rho1_adapter_disabled"
     ),
+    "lora_bf16": (TokenLM, {"lora": LORA}, [], "lora_bf16"),
+    "qlora_nf4": (TokenLM, {"lora": LORA, "quantization": "nf4"}, [], "lora_bf16"),
+    "qlora_nf4_rho1": (
+        TokenLM, {"lora": LORA, "quantization": "nf4", "reference": "adapter_disabled"}, ["rho1"], "qlora_nf4"
+    ),
 }
+# the QLoRA targets: (row, divided by row, target ratio, what is compared)
+QLORA_TARGETS = [
+    ("qlora_nf4_rho1", "qlora_nf4", "step_s", 1.30),
+    ("qlora_nf4_rho1", "lora_bf16", "peak_gib", 0.40),
+]
 
 
 def _method(name: str) -> pl.Callback:
@@ -146,6 +166,28 @@ def _reference(mode: str, args: argparse.Namespace, steps: int) -> ReferenceSett
     return ReferenceSettings(mode=mode)
 
 
+def _saved_preset(args: argparse.Namespace) -> str:
+    """The preset with random weights as a checkpoint folder (written once, in bf16 on CUDA), so that it
+    can be loaded quantized like any pretrained model."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_tokens.models.presets import build_config
+    from lightning_tokens.models.tokenizers import resolve_tokenizer
+
+    path = os.path.join(args.workdir, f"{args.preset}-vocab{args.vocab}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        torch.manual_seed(0)
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(build_config(args.preset, args.vocab), dtype=dtype)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        model.save_pretrained(tmp)
+        resolve_tokenizer("char").save_pretrained(tmp)
+        os.replace(tmp, path)
+        del model
+    return path
+
+
 def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cuda = args.device == "cuda"
     torch.manual_seed(0)
@@ -155,11 +197,15 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     kwargs = dict(kwargs)
     if "reference" in kwargs:
         kwargs["reference"] = _reference(kwargs["reference"], args, steps)
+    if kwargs.get("quantization"):  # pretrained-style weights, compute in the run's dtype
+        source: dict[str, Any] = {"model": _saved_preset(args), "dtype": "bfloat16" if cuda else None}
+    else:
+        source = {"model": args.preset, "model_config": {"vocab_size": args.vocab}}
     model = cls(
-        model=args.preset,
+        **source,
         tokenizer="char",
-        model_config={"vocab_size": args.vocab},
         optimizer=OptimizerSettings(lr=1e-5, warmup=0),
+        gradient_checkpointing=args.gradient_checkpointing,
         generate_in_validation=False,
         loss_backend=backend or "auto",
         **kwargs,
@@ -202,6 +248,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--precision", default=None, help="Lightning precision; default bf16-true on CUDA, 32 on CPU")
     parser.add_argument("--variants", default="hf_loss,token_lm,dft")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (all variants)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--workdir", default="runs/benchmark", help="where offline reference scores are written")
     args = parser.parse_args()
@@ -223,6 +270,12 @@ def main() -> None:
             f"| {row['variant']} | {row['step_s']:.4f} | {row['peak_gib']:.2f} | {row['baseline']} | "
             f"{row['time_ratio']:.3f} | {row['mem_ratio']:.3f} |"
         )
+    for row, base, key, target in QLORA_TARGETS:
+        if row in results and base in results:
+            ratio = results[row][key] / results[base][key] if results[base][key] > 0 else float("nan")
+            what = "step time" if key == "step_s" else "peak memory"
+            verdict = "n/a (not measured on this device)" if math.isnan(ratio) else ("met" if ratio <= target else "MISSED")
+            print(f"{what}: {row} / {base} = {ratio:.3f} (target <= {target:.2f}): {verdict}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": device, "args": vars(args), "results": list(results.values())}, handle, indent=2)

@@ -20,9 +20,15 @@ from lightning_tokens.core.reference import ReferenceSettings, build_reference
 from lightning_tokens.core.stats import OutputHead
 from lightning_tokens.models.presets import check_model_source, is_preset, load_causal_lm
 from lightning_tokens.modules.checkpoints import load_provider_state, provider_state_for_checkpoint
+from lightning_tokens.modules.quantization import (
+    QuantizationMode,
+    bnb_precision_plugin,
+    prepare_precision_plugin,
+    quantize_for_precision,
+)
+from lightning_tokens.modules.quantization import bnb_config as _bnb_config  # re-exported (older import path)
+from lightning_tokens.modules.quantization import check_quantization as _check_quantization
 from lightning_tokens.modules.sharding import gathered_root, shard_decoder_layers, shard_root, sharding_mesh
-
-QuantizationMode = Literal["nf4", "nf4-dq", "fp4", "int8"]
 
 
 @dataclass
@@ -186,6 +192,8 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodules' modes as found
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if bnb_precision_plugin(self) is not None:  # Lightning's BitsandbytesPrecision: quantize before LoRA
+            model = quantize_for_precision(model, bnb_precision_plugin(self))
         if self.lora is not None:
             model = _add_lora(model, self.lora, quantized=self.quantization is not None)
         self.model = model
@@ -206,6 +214,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        prepare_precision_plugin(self)  # checks and set-up for Lightning's BitsandbytesPrecision, if used
         datamodule = getattr(self.trainer, "datamodule", None)
         build = getattr(datamodule, "build_metrics", None)
         if build is not None and self.val_metrics is None:
@@ -379,32 +388,6 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         dirpath = getattr(callback, "dirpath", None)
         if dirpath:
             self.tokenizer.save_pretrained(os.path.join(dirpath, "tokenizer"))
-
-
-def _check_quantization(mode: str) -> None:
-    modes = ("nf4", "nf4-dq", "fp4", "int8")
-    if mode not in modes:
-        raise ValueError(f"quantization={mode!r} is not a mode: choose one of {modes} or null.")
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as err:  # bitsandbytes raises various errors on machines it cannot run on
-        raise ValueError(
-            f"quantization={mode!r} needs bitsandbytes, which cannot be imported here ({err}). Install it "
-            "(`pip install bitsandbytes`) or set quantization: null."
-        ) from err
-
-
-def _bnb_config(mode: str, dtype: torch.dtype | None) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    if mode == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="fp4" if mode == "fp4" else "nf4",
-        bnb_4bit_use_double_quant=mode == "nf4-dq",
-        bnb_4bit_compute_dtype=dtype or torch.float32,
-    )
 
 
 def _add_lora(model: torch.nn.Module, settings: LoRASettings, quantized: bool) -> torch.nn.Module:

@@ -377,3 +377,28 @@ def test_a_separate_reference_model_loads_frozen_in_4_bit(cache_env):
     # nf4 weights perturb the per-token losses a little, not the model's answer
     assert exact.nll[exact.mask].mean() < 1.0
     assert (quantized.nll - exact.nll)[exact.mask].abs().mean() < 0.5
+
+
+@needs_package
+def test_qlora_nf4_config_fits_the_packaged_model_in_4_bit_with_rho1(cache_env, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lightning_tokens.cli import cli
+
+    source = Path(__file__).parents[2] / "configs" / "qlora_nf4.yaml"
+    config = tmp_path / "qlora_nf4.yaml"
+    config.write_text(source.read_text().replace("runs/qlora_nf4", str(tmp_path / "run")))
+    run = cli([
+        "fit", "--config", str(config), "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
+        "--data.init_args.max_length=128", "--data.init_args.batch_size=2",
+    ])
+    lm = run.model
+    assert run.trainer.global_step == 2
+    assert "Linear4bit" in {type(m).__name__ for m in lm.causal_lm.modules()}
+    assert type(lm.causal_lm.get_output_embeddings()) is torch.nn.Linear
+    metrics = run.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])
+    assert 0.5 < float(metrics["train/ExcessLossSelection/kept_fraction"]) <= 0.7
+    lora_b = [p for n, p in lm.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # zero-initialised, moved by the two steps
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
