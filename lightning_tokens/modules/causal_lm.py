@@ -200,6 +200,12 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         if self.reference is not None:
             self.reference.setup(self)
         mesh = sharding_mesh(self)
+        if mesh is not None and self.reference is not None and self.reference.settings.mode == "adapter_disabled":
+            raise ValueError(
+                "reference.mode=adapter_disabled is not supported under ModelParallelStrategy (FSDP2) yet: switching "
+                "the LoRA adapters off inside a sharded model desynchronised the ranks in our 2-process test (a hang). "
+                "Use reference.mode=offline (scores from `lightning-tokens score`) or model, or the ddp strategy."
+            )
         if mesh is not None:  # ModelParallelStrategy: FSDP2, decoder layers as units, this module as root
             shard_decoder_layers(self.model, mesh)
             if self.reference_model is not None:

@@ -151,3 +151,23 @@ def test_fsdp_config_runs_under_torchrun_and_exports(tmp_path):
     cli(["export", "--config", os.path.join(ROOT, "configs", "fsdp.yaml"), *overrides[:1], "--trainer.devices=1",
          "--trainer.strategy=auto", *overrides[-7:], f"--ckpt_path={folder}", f"--output={output}"])
     assert os.path.isfile(os.path.join(output, "model.safetensors"))
+
+
+def test_adapter_disabled_reference_is_refused_under_fsdp2(tmp_path):
+    """Known limitation: fail at configure_model instead of hanging in the first step."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_tokens import TokenLM
+    from lightning_tokens.core.reference import ReferenceSettings
+    from lightning_tokens.modules import LoRASettings
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        lm = TokenLM(model="tiny-llama", tokenizer="char", lora=LoRASettings(r=2),
+                     reference=ReferenceSettings(mode="adapter_disabled"))
+        lm._device_mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        with pytest.raises(ValueError, match="adapter_disabled is not supported under ModelParallelStrategy"):
+            lm.configure_model()
+    finally:
+        dist.destroy_process_group()
