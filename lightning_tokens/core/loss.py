@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_tokens.core.method import TokenMethodOutput, token_methods
-from lightning_tokens.core.reduction import TokenCountNormalizer
+from lightning_tokens.core.reduction import TokenCountNormalizer, global_sum
 from lightning_tokens.core.stats import IGNORE_INDEX, OutputHead, TokenStats
 
 
@@ -120,15 +120,15 @@ class TokenLossMixin:
         token_loss = weights * per_token if extra is None else weights * per_token + extra
         token_loss = torch.where(keep, token_loss, torch.zeros_like(token_loss))
         kept = keep.sum()
-        labelled = stats.mask.sum()
-        divisor = self._token_normalizer.divisor(kept, module._trainer)
         loss_sum = token_loss.sum()
+        # one all-reduce serves the normaliser and the logs (global token means, not means of the ranks' means)
+        total_kept, total_loss, total_labelled = global_sum(
+            torch.stack([kept.float(), loss_sum.detach().float(), stats.mask.sum().float()]), trainer
+        )
+        divisor = self._token_normalizer.divisor(kept, trainer, global_count=total_kept)
         batch_size = stats.labels.shape[0]
-        totals = torch.stack([loss_sum.detach().float(), kept.float(), labelled.float()])
-        if distributed:  # the global token mean, not a mean of the ranks' means
-            totals = trainer.strategy.reduce(totals, reduce_op="sum")
-        module.log("train/loss", totals[0] / totals[1].clamp(min=1), prog_bar=True, batch_size=batch_size)
-        module.log("train/kept_fraction", totals[1] / totals[2].clamp(min=1), batch_size=batch_size)
+        module.log("train/loss", total_loss / total_kept.clamp(min=1), prog_bar=True, batch_size=batch_size)
+        module.log("train/kept_fraction", total_kept / total_labelled.clamp(min=1), batch_size=batch_size)
         return loss_sum / divisor
 
     @property

@@ -28,8 +28,10 @@ class TokenCountNormalizer:
         self.local_count = 0.0  # kept tokens seen on this rank in the window
         self.opened_at_step = -1  # trainer.global_step when the window opened
 
-    def divisor(self, local_count: Tensor, trainer: pl.Trainer | None) -> float:
-        """Register a micro-batch's kept-token count; return the ``c`` to divide its summed loss by."""
+    def divisor(self, local_count: Tensor, trainer: pl.Trainer | None, global_count: Tensor | None = None) -> float:
+        """Register a micro-batch's kept-token count; return the ``c`` to divide its summed loss by.
+
+        ``global_count``: the count already summed over the ranks by the caller (saves a collective)."""
         step = trainer.global_step if trainer is not None else 0
         if self.scale is not None and step != self.opened_at_step:
             raise RuntimeError(
@@ -39,7 +41,7 @@ class TokenCountNormalizer:
         self.local_count += float(local_count)
         if self.scale is None:
             self.opened_at_step = step
-            total = _global_sum(local_count.detach().float(), trainer)
+            total = global_count if global_count is not None else global_sum(local_count.detach().float(), trainer)
             self.scale = max(float(total), 1.0)
         return self.scale
 
@@ -48,7 +50,7 @@ class TokenCountNormalizer:
         if self.scale is None:  # no token loss this window (e.g. manual optimisation elsewhere)
             return 0.0
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        total = float(_global_sum(torch.tensor(self.local_count, device=device), trainer))
+        total = float(global_sum(torch.tensor(self.local_count, device=device), trainer))
         factor = self.scale * trainer.accumulate_grad_batches * _replicas(trainer) / total if total > 0 else 0.0
         if factor != 1.0:
             grads = [p.grad for p in module.parameters() if p.grad is not None]
@@ -59,7 +61,8 @@ class TokenCountNormalizer:
 
 
 
-def _global_sum(value: Tensor, trainer: pl.Trainer | None) -> Tensor:
+def global_sum(value: Tensor, trainer: pl.Trainer | None) -> Tensor:
+    """``value`` summed over the data-parallel ranks (itself in one process)."""
     if trainer is None or trainer.world_size == 1:
         return value
     total = trainer.strategy.reduce(value.clone(), reduce_op="sum")
