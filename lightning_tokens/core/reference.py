@@ -122,6 +122,16 @@ class AdapterDisabledReference(ReferenceProvider):
     def __init__(self, settings: ReferenceSettings) -> None:
         self.settings = settings
 
+    def setup(self, module: TokenLM) -> None:
+        from lightning_tokens.modules.sharding import sharding_mesh
+
+        if sharding_mesh(module) is not None:
+            raise ValueError(
+                "reference.mode=adapter_disabled is not supported under ModelParallelStrategy (FSDP2) yet: switching "
+                "the LoRA adapters off inside a sharded model desynchronised the ranks in our 2-process test (a hang). "
+                "Use reference.mode=offline (scores from `lightning-tokens score`) or model, or the ddp strategy."
+            )
+
     def stats(self, batch: dict[str, Any], module: TokenLM) -> TokenStats:
         with torch.no_grad(), module.model.disable_adapter():
             hidden = module.hidden_states(batch)
@@ -138,18 +148,18 @@ class ModelReference(ReferenceProvider):
     def setup(self, module: TokenLM) -> None:
         if getattr(module, "reference_model", None) is not None:
             return
-        from lightning_tokens.modules.causal_lm import _bnb_config, _check_quantization
         from lightning_tokens.models.presets import load_causal_lm
+        from lightning_tokens.modules.quantization import bnb_config, check_quantization
 
         if self.settings.quantization:
-            _check_quantization(self.settings.quantization)
+            check_quantization(self.settings.quantization)
         dtype = getattr(torch, module.dtype_name) if module.dtype_name else None
         model = load_causal_lm(
             self.settings.model,
             vocab_size=len(module.tokenizer),
             overrides=self.settings.model_config,
             dtype=dtype,
-            quantization_config=_bnb_config(self.settings.quantization, dtype) if self.settings.quantization else None,
+            quantization_config=bnb_config(self.settings.quantization, dtype) if self.settings.quantization else None,
         )
         model.eval().requires_grad_(False)
         module.reference_model = model
@@ -179,8 +189,10 @@ class EMAReference(ReferenceProvider):
         return {name: p for name, p in module.model.named_parameters() if p.requires_grad}
 
     def setup(self, module: TokenLM) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
         trainer = getattr(module, "_trainer", None)
-        if trainer is not None and type(trainer.strategy).__name__ == "FSDPStrategy":
+        if trainer is not None and isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError(
                 "reference.mode=ema under FSDPStrategy is not supported (its flat-parameter shards cannot be swapped "
                 "per tensor): use ModelParallelStrategy (FSDP2), or reference.mode=model / adapter_disabled / offline."

@@ -22,12 +22,12 @@ from lightning_tokens.models.presets import check_model_source, is_preset, load_
 from lightning_tokens.modules.checkpoints import load_provider_state, provider_state_for_checkpoint
 from lightning_tokens.modules.quantization import (
     QuantizationMode,
+    bnb_config,
     bnb_precision_plugin,
+    check_quantization,
     prepare_precision_plugin,
     quantize_for_precision,
 )
-from lightning_tokens.modules.quantization import bnb_config as _bnb_config  # re-exported (older import path)
-from lightning_tokens.modules.quantization import check_quantization as _check_quantization
 from lightning_tokens.modules.sharding import gathered_root, shard_decoder_layers, shard_root, sharding_mesh
 
 
@@ -135,7 +135,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         if tokenizer is None and is_preset(model):
             raise ValueError(f"model={model!r} is built from config: set `tokenizer` (e.g. tokenizer: char).")
         if quantization is not None:
-            _check_quantization(quantization)
+            check_quantization(quantization)
         if reference is not None:
             reference.validate(has_lora=lora is not None)
         if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -181,7 +181,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
             vocab_size=len(self.tokenizer),
             overrides=self.model_config,
             dtype=dtype,
-            quantization_config=_bnb_config(self.quantization, dtype) if self.quantization else None,
+            quantization_config=bnb_config(self.quantization, dtype) if self.quantization else None,
         )
         _check_output_head(model)
         if model.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
@@ -192,20 +192,15 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodules' modes as found
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        if bnb_precision_plugin(self) is not None:  # Lightning's BitsandbytesPrecision: quantize before LoRA
-            model = quantize_for_precision(model, bnb_precision_plugin(self))
+        plugin = bnb_precision_plugin(self)
+        if plugin is not None:  # Lightning's BitsandbytesPrecision: quantize before LoRA
+            model = quantize_for_precision(model, plugin)
         if self.lora is not None:
             model = _add_lora(model, self.lora, quantized=self.quantization is not None)
         self.model = model
         if self.reference is not None:
             self.reference.setup(self)
         mesh = sharding_mesh(self)
-        if mesh is not None and self.reference is not None and self.reference.settings.mode == "adapter_disabled":
-            raise ValueError(
-                "reference.mode=adapter_disabled is not supported under ModelParallelStrategy (FSDP2) yet: switching "
-                "the LoRA adapters off inside a sharded model desynchronised the ranks in our 2-process test (a hang). "
-                "Use reference.mode=offline (scores from `lightning-tokens score`) or model, or the ddp strategy."
-            )
         if mesh is not None:  # ModelParallelStrategy: FSDP2, decoder layers as units, this module as root
             shard_decoder_layers(self.model, mesh)
             if self.reference_model is not None:

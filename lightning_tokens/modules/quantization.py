@@ -27,6 +27,7 @@ the strategy's own ``convert_module`` finds the layers converted and only sets t
 Example::
 
     from lightning.pytorch.plugins import BitsandbytesPrecision
+from lightning.pytorch.strategies import FSDPStrategy
 
     model = TokenLM(model="smollm2-135m-instruct", lora=LoRASettings(r=16))
     plugin = BitsandbytesPrecision("nf4-dq", dtype=torch.bfloat16, ignore_modules={"lm_head"})
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch.plugins import BitsandbytesPrecision
+from lightning.pytorch.strategies import FSDPStrategy
 
 if TYPE_CHECKING:
     from lightning_tokens.modules.causal_lm import TokenLM
@@ -144,7 +146,7 @@ def prepare_precision_plugin(module: TokenLM) -> None:
             f"model.quantization={module.quantization!r} and {_PLUGIN} would both quantize the model: choose "
             "one. Set model.quantization: null to let the plugin quantize on the GPU, or drop the plugin."
         )
-    if "FSDP" in type(trainer.strategy).__name__:
+    if isinstance(trainer.strategy, FSDPStrategy):
         raise ValueError(
             f"{_PLUGIN} does not work with {type(trainer.strategy).__name__} (Lightning issue #20855): use "
             "trainer.strategy: auto on one GPU, or model.quantization with transformers' BitsAndBytesConfig."

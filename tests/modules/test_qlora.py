@@ -264,7 +264,8 @@ def test_bnb_precision_misconfigurations_fail_early_naming_the_fix(saved_tiny, m
     with pytest.raises(RuntimeError, match="built before the Trainer ran"):
         _cpu_trainer_with(plugin, max_steps=1).fit(built, datamodule=_data())
     # FSDP (Lightning issue #20855)
-    FSDPStrategy = type("FSDPStrategy", (), {})
+    from lightning.pytorch.strategies import FSDPStrategy
+
     fake = SimpleNamespace(_trainer=SimpleNamespace(precision_plugin=plugin, strategy=FSDPStrategy()), quantization=None, model=None)
     with pytest.raises(ValueError, match="FSDPStrategy.*20855"):
         quantization.prepare_precision_plugin(fake)
