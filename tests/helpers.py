@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -98,3 +100,10 @@ def trainer(**kwargs):
         enable_model_summary=False,
     )
     return pl.Trainer(**{**defaults, **kwargs})
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for process-group rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -5,7 +5,6 @@ import contextlib
 import copy
 import importlib.util
 import math
-import socket
 
 import lightning.pytorch as pl
 import pytest
@@ -364,21 +363,6 @@ def test_probe_recomputes_without_dropout_and_draws_no_random_numbers():
 
 
 # ---- the probe under FSDP ---------------------------------------------------------------------------------
-@pytest.fixture
-def world_of_one():
-    """A gloo process group of one process, for FSDP on the CPU in the test process."""
-    if torch.distributed.is_initialized():
-        pytest.skip("a process group is already initialized")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
-    try:
-        yield
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def _fsdp2_pair(checkpointing=False, wrap=None):
     """A tiny Llama in train mode and a copy with every decoder layer and the root ``fully_shard``-ed, as
     Lightning's ModelParallelStrategy does (after ``wrap`` of the copy, if given)."""

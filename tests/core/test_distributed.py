@@ -1,20 +1,13 @@
 """Two CPU processes under DDP (gloo) give the same update as one process on the union."""
 
 import copy
-import socket
 
 import pytest
 import lightning.pytorch as pl
 import torch
 
 from lightning_tokens.callbacks import DFT
-from tests.helpers import FusedLM, loader, make_examples, trainer
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import FusedLM, free_port, loader, make_examples, trainer
 
 
 class DestroyProcessGroup(pl.Callback):
@@ -30,7 +23,7 @@ class DestroyProcessGroup(pl.Callback):
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_ddp_two_processes_equal_one_process_on_union(accumulate, monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     # rank 0 sees examples 0, 2; rank 1 sees 1, 3 (DistributedSampler, no shuffle): uneven token counts
     examples = make_examples([12, 4, 3, 9], prompt=2)
     model = FusedLM(lr=1.0)

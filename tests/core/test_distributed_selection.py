@@ -4,7 +4,6 @@ the global batch (2 gloo processes, uneven rows and lengths)."""
 from __future__ import annotations
 
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +15,7 @@ from lightning_tokens.callbacks.qtuning import QTuning, qtuning_mask
 from lightning_tokens.callbacks.rho1 import ExcessLossSelection, select_by_excess_loss
 from lightning_tokens.core.distributed import gather_rows
 from lightning_tokens.core.stats import TokenStats
+from tests.helpers import free_port
 
 TRAINER = SimpleNamespace(strategy=SimpleNamespace())
 
@@ -76,10 +76,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("selection"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
     return [torch.load(os.path.join(out, f"{rank}.pt"), weights_only=False) for rank in range(2)]
 
 

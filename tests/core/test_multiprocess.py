@@ -6,12 +6,13 @@ the same global batch, and resume from their (sharded) checkpoints exactly."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from tests.helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
@@ -22,19 +23,13 @@ WEIGHT_ATOL = {"rho1": 1e-4, "sstoken": 2e-3}
 LOSS_ATOL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(strategy: str, out: str, attempt: int = 0) -> None:
     if strategy == "single":
         command = [sys.executable, WORKER]
     else:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), WORKER,
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), WORKER,
         ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     result = subprocess.run([*command, "--strategy", strategy, "--out", out], env=env, capture_output=True, text=True, timeout=600)
@@ -136,7 +131,7 @@ def test_fsdp_config_runs_under_torchrun_and_exports(tmp_path):
     ]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "lightning_tokens.cli", "fit", "--config",
+        "--master_port", str(free_port()), "-m", "lightning_tokens.cli", "fit", "--config",
         os.path.join(ROOT, "configs", "fsdp.yaml"), *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -153,21 +148,16 @@ def test_fsdp_config_runs_under_torchrun_and_exports(tmp_path):
     assert os.path.isfile(os.path.join(output, "model.safetensors"))
 
 
-def test_adapter_disabled_reference_is_refused_under_fsdp2(tmp_path):
+def test_adapter_disabled_reference_is_refused_under_fsdp2(world_of_one):
     """Known limitation: fail at configure_model instead of hanging in the first step."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from lightning_tokens import TokenLM
     from lightning_tokens.core.reference import ReferenceSettings
     from lightning_tokens.modules import LoRASettings
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        lm = TokenLM(model="tiny-llama", tokenizer="char", lora=LoRASettings(r=2),
-                     reference=ReferenceSettings(mode="adapter_disabled"))
-        lm._device_mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
-        with pytest.raises(ValueError, match="adapter_disabled is not supported under ModelParallelStrategy"):
-            lm.configure_model()
-    finally:
-        dist.destroy_process_group()
+    lm = TokenLM(model="tiny-llama", tokenizer="char", lora=LoRASettings(r=2),
+                 reference=ReferenceSettings(mode="adapter_disabled"))
+    lm._device_mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    with pytest.raises(ValueError, match="adapter_disabled is not supported under ModelParallelStrategy"):
+        lm.configure_model()

@@ -6,8 +6,6 @@ check that the GPU-only strategy and the CUDA paths (fused Liger loss, NCCL) acc
 
 from __future__ import annotations
 
-import socket
-
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -16,23 +14,14 @@ from torch.utils.data import DataLoader
 from lightning_tokens import ExcessLossSelection, TokenLM
 from lightning_tokens.core.reference import ReferenceSettings
 from lightning_tokens.modules import OptimizerSettings
-from tests.distributed_worker import TINY, collate, examples
+from tests.distributed_worker import TINY, RecordLoss, collate, examples
+from tests.helpers import free_port
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-class _Record(pl.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(trainer.callback_metrics["train/loss"]))
-
-
 def _fit(strategy, monkeypatch) -> list[float]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     torch.manual_seed(0)
     model = TokenLM(
@@ -40,7 +29,7 @@ def _fit(strategy, monkeypatch) -> list[float]:
         optimizer=OptimizerSettings(lr=1e-2, warmup=0, min_lr_ratio=1.0),
         reference=ReferenceSettings(mode="model", model="tiny-llama", model_config=TINY),
     )
-    record = _Record()
+    record = RecordLoss()
     trainer = pl.Trainer(
         accelerator="gpu", devices=1, strategy=strategy, max_steps=4, precision="32-true", logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
