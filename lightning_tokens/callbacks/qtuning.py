@@ -726,8 +726,8 @@ class QTuning(TokenMethod):
         rows = {"nll": stats.nll.detach().float(), "entropy": stats.entropy.detach().float(), "mask": stats.mask}
         if sample_ids is not None:
             rows["sample_ids"] = sample_ids.long()
-        mine = slice(0, stats.mask.shape[0])
-        if self.ranks == "global" and trainer is not None:
+        across_ranks = self.ranks == "global" and trainer is not None
+        if across_ranks:
             rows, mine = gather_rows(rows, trainer)
         selection = qtuning_mask(
             rows["nll"],
@@ -746,7 +746,7 @@ class QTuning(TokenMethod):
             token_budget=self.token_budget,
             sample_ids=rows.get("sample_ids"),
         )
-        if mine != slice(0, rows["mask"].shape[0]):
+        if across_ranks:
             width = stats.mask.shape[1]
             selection = replace(selection, keep=selection.keep[mine, :width], index=selection.index[mine, :width])
         return selection
