@@ -55,6 +55,7 @@ from typing_extensions import override
 
 from lightning_tokens.core.distributed import RankScope, check_rank_scope, gather_rows
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
+from lightning_tokens.core.options import check_choice
 from lightning_tokens.core.stats import TokenStats
 
 __all__ = [
@@ -93,11 +94,6 @@ EMPTY = -1
 
 _MAX_QUANTILE = 0.49  # the bisection bracket of both the authors' code and slime: α, β ∈ [0, 0.49]
 _RATIO_SLACK = 1e-9  # ceil(r·n) with this slack, so that e.g. 0.35 × 20 keeps 7, not 8
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} must be one of {', '.join(repr(c) for c in choices)}.")
 
 
 # ---- sample statistics ----------------------------------------------------------------------------
@@ -258,7 +254,7 @@ def find_quadrant_thresholds(
         raise ValueError(f"sample_ratio={sample_ratio} must lie in (0, 1].")
     if iters < 1:
         raise ValueError(f"iters={iters} must be at least 1.")
-    _check_choice("bisection", bisection, ("joint", "separate"))
+    check_choice("find_quadrant_thresholds", "bisection", bisection, ("joint", "separate"))
     ppl, ent = ppl.detach().double().cpu(), ent.detach().double().cpu()
     if not bool((~(torch.isnan(ppl) | torch.isnan(ent))).any()):
         return QuadrantThresholds(*([math.nan] * 6), 0.0)
@@ -315,7 +311,7 @@ def classify_quadrants(
     Returns:
         ``(S,)`` long codes.
     """
-    _check_choice("mid_range", mid_range, ("fill", "drop", "assign"))
+    check_choice("classify_quadrants", "mid_range", mid_range, ("fill", "drop", "assign"))
     ppl, ent = ppl.detach().double(), ent.detach().double()
     codes = _codes(ppl, ent, thresholds)
     valid = codes != EMPTY
@@ -389,8 +385,8 @@ def neighbor_token_scores(
         >>> [round(v, 4) for v in s[0].tolist()]
         [5.2, 5.35, 5.3, 11.3, 11.55, 12.0]
     """
-    _check_choice("scaling", scaling, ("sum", "mean"))
-    _check_choice("edge", edge, ("zero", "self"))
+    check_choice("neighbor_token_scores", "scaling", scaling, ("sum", "mean"))
+    check_choice("neighbor_token_scores", "edge", edge, ("zero", "self"))
     mask = mask.bool()
     if index is None:
         index = sample_index(mask)[0]
@@ -453,7 +449,7 @@ def prune_tokens(
     """
     if not 0.0 < token_ratio <= 1.0:
         raise ValueError(f"token_ratio={token_ratio} must lie in (0, 1].")
-    _check_choice("keep", keep, ("lowest", "highest"))
+    check_choice("prune_tokens", "keep", keep, ("lowest", "highest"))
     candidates = candidates.bool()
     if index is None:
         index = sample_index(candidates)[0]
@@ -561,7 +557,7 @@ def qtuning_mask(
         raise ValueError(f"token_ratio={token_ratio} must lie in (0, 1].")
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam={lam} must lie in [0, 1].")
-    _check_choice("token_budget", token_budget, ("sample", "batch"))
+    check_choice("qtuning_mask", "token_budget", token_budget, ("sample", "batch"))
     mask = mask.bool()
     nll = nll.detach()
     index, _ = sample_index(mask, sample_ids)
@@ -697,8 +693,7 @@ class QTuning(TokenMethod):
             ("token_budget", token_budget, ("sample", "batch")),
             ("sample_unit", sample_unit, ("example", "row")),
         ):
-            if value not in choices:
-                raise ValueError(f"{prefix}{name}={value!r}): {name} must be one of {', '.join(map(repr, choices))}.")
+            check_choice("QTuning", name, value, choices)
         self.sample_ratio = sample_ratio
         self.token_ratio = token_ratio
         self.lam = lam

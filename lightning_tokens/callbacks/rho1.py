@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from lightning_tokens.core.distributed import RankScope, check_rank_scope, gather_rows
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
+from lightning_tokens.core.options import check_choice
 from lightning_tokens.core.stats import TokenStats
 
 __all__ = ["ExcessLossSelection", "select_by_excess_loss"]
@@ -99,8 +100,7 @@ class ExcessLossSelection(TokenMethod):
     def __init__(self, ratio: float = 0.6, scope: Scope = "batch", ranks: RankScope = "local") -> None:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"ExcessLossSelection(ratio={ratio}): ratio must lie in (0, 1].")
-        if scope not in ("batch", "sample"):
-            raise ValueError(f"ExcessLossSelection(scope={scope!r}): scope must be 'batch' or 'sample'.")
+        check_choice("ExcessLossSelection", "scope", scope, ("batch", "sample"))
         check_rank_scope("ExcessLossSelection", ranks)
         self.ratio = ratio
         self.scope = scope

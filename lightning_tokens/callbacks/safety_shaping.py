@@ -51,6 +51,7 @@ from typing_extensions import override
 
 from lightning_tokens.core.loss import _data_weights
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
+from lightning_tokens.core.options import check_choice
 from lightning_tokens.core.reference import load_reference_scores, lookup_reference_nll
 from lightning_tokens.core.stats import IGNORE_INDEX, TokenStats
 from lightning_tokens.guardrails import Guardrail
@@ -530,8 +531,7 @@ class SafetyShaping(TokenMethod):
             ("chunk_prefix", chunk_prefix, ("chunk_end", "chunk_start")),
             ("normalization", normalization, ("token_mean", "sequence_sum")),
         ):
-            if value not in allowed:
-                raise ValueError(f"{name}({option}={value!r}): choose one of {allowed}.")
+            check_choice(name, option, value, allowed)
         if kl_chunk_size is not None and kl_chunk_size < 1:
             raise ValueError(f"{name}(kl_chunk_size={kl_chunk_size}): must be >= 1.")
         self.scores_file = scores_file

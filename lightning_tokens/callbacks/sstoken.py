@@ -41,6 +41,7 @@ from lightning_tokens.core.attention_probe import (
     segment_ids_from_positions,
 )
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
+from lightning_tokens.core.options import check_choice
 from lightning_tokens.core.stats import TokenStats
 
 __all__ = ["SSToken", "select_tokens", "sstoken_scores"]
@@ -169,8 +170,7 @@ class SSToken(TokenMethod):
             raise ValueError(f"SSToken(gamma={gamma}): gamma must lie in [0, 1].")
         if warmup_steps < 0:
             raise ValueError(f"SSToken(warmup_steps={warmup_steps}): warmup_steps must be >= 0.")
-        if prompt not in ("first", "unlabelled"):
-            raise ValueError(f"SSToken(prompt={prompt!r}): prompt must be 'first' or 'unlabelled'.")
+        check_choice("SSToken", "prompt", prompt, ("first", "unlabelled"))
         self.ratio = ratio
         self.gamma = gamma
         self.warmup_steps = warmup_steps

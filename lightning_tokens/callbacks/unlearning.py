@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
+from lightning_tokens.core.options import check_choice
 from lightning_tokens.core.stats import IGNORE_INDEX, TokenStats
 from lightning_tokens.unlearning import (
     GenericTargets,
@@ -104,8 +105,7 @@ class GenericLabels(TokenMethod):
     """
 
     def __init__(self, targets_file: str, mode: TargetMode = "hard", renormalize: bool = True) -> None:
-        if mode not in ("hard", "soft"):
-            raise ValueError(f"GenericLabels(mode={mode!r}): mode must be 'hard' or 'soft'.")
+        check_choice("GenericLabels", "mode", mode, ("hard", "soft"))
         self.targets_file = targets_file
         self.mode = mode
         self.renormalize = renormalize

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_tokens.core.options import check_choice
+
 __all__ = ["RankScope", "check_rank_scope", "data_parallel_group", "gather_rows"]
 
 RankScope = Literal["local", "global"]
@@ -24,11 +26,11 @@ RankScope = Literal["local", "global"]
 
 def check_rank_scope(owner: str, value: str) -> None:
     """Fail early on an unknown ``ranks`` option, naming the owner and the choices."""
-    if value not in ("local", "global"):
-        raise ValueError(
-            f"{owner}(ranks={value!r}): ranks must be 'local' (each rank selects among its own tokens) or "
-            "'global' (the selection runs over the batch gathered from all data-parallel ranks)."
-        )
+    check_choice(
+        owner, "ranks", value, ("local", "global"),
+        " (local: each rank selects among its own tokens; global: the selection runs over the batch gathered "
+        "from all data-parallel ranks)",
+    )
 
 
 def data_parallel_group(trainer: Any) -> tuple[Any, int, int] | None:
