@@ -67,12 +67,19 @@ def score_reference(
     return scores
 
 
-def trainer_score(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule, output: str, ckpt_path: str | None = None) -> dict[int, Tensor]:
-    """``Trainer.score``: connect the model (datamodules may read its tokenizer), load a checkpoint's
-    weights if given, and score on the trainer's root device."""
+def attach_to_trainer(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
+    """Connect a model and a datamodule to a trainer outside ``fit``, as the offline subcommands
+    (``score``, ``star_score``, ``generic_labels``) need: the datamodule reads the model's tokenizer
+    through the trainer, and the work runs on the trainer's root device."""
     trainer.strategy.connect(model)
     datamodule.trainer = trainer
     model.trainer = trainer
+
+
+def trainer_score(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule, output: str, ckpt_path: str | None = None) -> dict[int, Tensor]:
+    """``Trainer.score``: connect the model (datamodules may read its tokenizer), load a checkpoint's
+    weights if given, and score on the trainer's root device."""
+    attach_to_trainer(trainer, model, datamodule)
     if ckpt_path:
         from lightning_tokens.modules.checkpoints import consolidated_state_dict, model_weights
 

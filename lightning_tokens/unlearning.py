@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from lightning_tokens.core.stats import IGNORE_INDEX
+from lightning_tokens.scoring import attach_to_trainer
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -779,9 +780,7 @@ def trainer_generic_labels(
 ) -> dict[int, GenericTargets]:
     """``Trainer.generic_labels``: connect the model (the datamodule reads its tokenizer) and build the
     generic targets on the trainer's root device (see :func:`build_generic_labels` for the arguments)."""
-    trainer.strategy.connect(model)
-    datamodule.trainer = trainer
-    model.trainer = trainer
+    attach_to_trainer(trainer, model, datamodule)
     return build_generic_labels(
         model, datamodule, output, reinforced_adapter, anchors_file, alpha, targets, top_k, seen_penalty,
         device=trainer.strategy.root_device,

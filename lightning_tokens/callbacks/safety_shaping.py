@@ -56,6 +56,7 @@ from lightning_tokens.core.reference import load_reference_scores, lookup_refere
 from lightning_tokens.core.stats import IGNORE_INDEX, TokenStats
 from lightning_tokens.guardrails import Guardrail
 from lightning_tokens.ops.kl import KLDirection, k3_kl, linear_kl
+from lightning_tokens.scoring import attach_to_trainer
 
 __all__ = [
     "STAR_VALUES_KEY",
@@ -424,9 +425,7 @@ def trainer_star_score(
     The model is only connected (datamodules read its tokenizer; its weights are not loaded); the
     guardrail runs on the trainer's root device.
     """
-    trainer.strategy.connect(model)
-    datamodule.trainer = trainer
-    model.trainer = trainer
+    attach_to_trainer(trainer, model, datamodule)
     return precompute_star_scores(
         guardrail,
         datamodule,
