@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lightning_tokens.core.options import check_choice
 
-__all__ = ["RankScope", "check_rank_scope", "data_parallel_group", "gather_rows"]
+__all__ = ["RankScope", "check_rank_scope", "data_parallel_group", "gather_rows", "mean_over_ranks"]
 
 RankScope = Literal["local", "global"]
 
@@ -83,3 +83,26 @@ def gather_rows(tensors: dict[str, Tensor], trainer: Any) -> tuple[dict[str, Ten
         gathered[name] = torch.cat([part[: int(s[0])] for part, s in zip(parts, shapes)]).to(tensor.dtype)
     start = int(sum(int(s[0]) for s in shapes[:rank]))
     return gathered, slice(start, start + rows)
+
+
+def mean_over_ranks(values: dict[str, float | Tensor], trainer: Any) -> dict[str, float]:
+    """Named scalars averaged over the data-parallel ranks (one ``all_gather_object``).
+
+    Ranks may report different names (a statistic of an empty set, e.g. the mean of dropped tokens when
+    a rank dropped none): each name is averaged over the ranks that report it. A per-name all-reduce
+    (``self.log(..., sync_dist=True)``) would deadlock there, the ranks issuing different numbers of
+    collectives. Without a process group the values come back as floats.
+
+    Example::
+
+        logs = mean_over_ranks({"kept_fraction": kept.float().mean()}, trainer)
+    """
+    local = {name: float(value) for name, value in values.items()}
+    group_info = data_parallel_group(trainer)
+    if group_info is None or group_info[2] == 1:
+        return local
+    group, _, size = group_info
+    gathered: list[dict[str, float]] = [{} for _ in range(size)]
+    dist.all_gather_object(gathered, local, group=group)
+    names = sorted(set().union(*gathered))
+    return {name: sum(d[name] for d in gathered if name in d) / sum(name in d for d in gathered) for name in names}

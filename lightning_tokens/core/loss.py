@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_tokens.core.distributed import mean_over_ranks
 from lightning_tokens.core.method import TokenMethodOutput, token_methods
 from lightning_tokens.core.reduction import TokenCountNormalizer, global_sum
 from lightning_tokens.core.stats import IGNORE_INDEX, OutputHead, TokenStats
@@ -101,7 +102,7 @@ class TokenLossMixin:
         replaced_by = None
         module: pl.LightningModule = self  # type: ignore[assignment]
         trainer = module._trainer
-        distributed = trainer is not None and trainer.world_size > 1
+        logs: dict[str, float | Tensor] = {}
         for method in methods:
             out: TokenMethodOutput = method.compute(stats, module)
             if out.weights is not None:
@@ -114,8 +115,11 @@ class TokenLossMixin:
                 per_token, replaced_by = out.loss, method.name
             if out.extra_loss is not None:
                 extra = out.extra_loss if extra is None else extra + out.extra_loss
-            for key, value in out.logs.items():
-                module.log(f"train/{method.name}/{key}", value, on_step=True, on_epoch=False, sync_dist=distributed)
+            logs.update({f"train/{method.name}/{key}": value for key, value in out.logs.items()})
+        if trainer is not None and trainer.world_size > 1 and methods:
+            logs = mean_over_ranks(logs, trainer)
+        for key, value in logs.items():
+            module.log(key, value, on_step=True, on_epoch=False)
         keep = keep & (weights != 0)
         token_loss = weights * per_token if extra is None else weights * per_token + extra
         token_loss = torch.where(keep, token_loss, torch.zeros_like(token_loss))

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from lightning_tokens.callbacks.qtuning import QTuning, qtuning_mask
 from lightning_tokens.callbacks.rho1 import ExcessLossSelection, select_by_excess_loss
-from lightning_tokens.core.distributed import gather_rows
+from lightning_tokens.core.distributed import gather_rows, mean_over_ranks
 from lightning_tokens.core.stats import TokenStats
 from tests.helpers import free_port
 
@@ -68,7 +68,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         rho1 = ExcessLossSelection(ratio=0.4, scope="batch", ranks="global").compute(stats, module).mask
         qtuning = QTuning(sample_ratio=0.5, token_ratio=0.6, token_budget="batch", ranks="global")
         q_keep = qtuning.select(stats, TRAINER).keep
-        torch.save({"gathered": gathered, "mine": mine, "rho1": rho1, "qtuning": q_keep}, os.path.join(out, f"{rank}.pt"))
+        # rank 1 reports a statistic rank 0 has not (a mean over an empty set there)
+        logs = mean_over_ranks({"kept": 0.25 + 0.5 * rank, **({"dropped": 3.0} if rank else {})}, TRAINER)
+        torch.save(
+            {"gathered": gathered, "mine": mine, "rho1": rho1, "qtuning": q_keep, "logs": logs},
+            os.path.join(out, f"{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -110,3 +115,10 @@ def test_global_qtuning_equals_one_process_on_the_global_batch(results):
     got = torch.cat([torch.nn.functional.pad(r["qtuning"].bool(), (0, 7 - r["qtuning"].shape[1])) for r in results])
     assert torch.equal(got, expected)
     assert got.any() and not got[mask].all()
+
+
+@pytest.mark.slow
+def test_logs_are_averaged_over_the_ranks_that_report_them(results):
+    """Different names on different ranks neither deadlock nor get diluted by the silent rank."""
+    for result in results:
+        assert result["logs"] == {"kept": 0.5, "dropped": 3.0}
