@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py --strategy fsdp2 --out DIR
 
-For each method (Rho-1 with a separate reference model, ssToken with EMA history) it runs, on a tiny
+For each method (Rho-1 with a separate reference model, ssToken with EMA history, LoRA + Rho-1 with the
+adapter-disabled base as reference) it runs, on a tiny
 Llama: an uninterrupted fit of ``STEPS`` optimizer steps, and the same fit split in two (``RESUME_AT``
 steps, a checkpoint, a resume to ``STEPS``). Rank 0 writes the global loss of every step and the final
 full weights to ``DIR/<method>_<run>.pt``. ``--strategy single`` (one process, the global batch) is the
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from lightning_tokens import ExcessLossSelection, SSToken, TokenLM  # noqa: E402
 from lightning_tokens.core.reference import ReferenceSettings  # noqa: E402
-from lightning_tokens.modules import OptimizerSettings  # noqa: E402
+from lightning_tokens.modules import LoRASettings, OptimizerSettings  # noqa: E402
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 GLOBAL_BATCH = 4
@@ -77,10 +78,16 @@ def build(method: str) -> tuple[TokenLM, pl.Callback]:
     if method == "rho1":
         reference = ReferenceSettings(mode="model", model="tiny-llama", model_config=TINY)
         callback: pl.Callback = ExcessLossSelection(ratio=0.6, scope="batch", ranks=os.environ.get("RHO1_RANKS", "global"))
+    elif method == "lora_rho1":
+        reference = ReferenceSettings(mode="adapter_disabled")
+        callback = ExcessLossSelection(ratio=0.6, scope="batch", ranks="global")
     else:
         reference = ReferenceSettings(mode="ema", ema_alpha=0.5)
         callback = SSToken(ratio=0.6, gamma=0.5)
-    model = SeededTokenLM(model="tiny-llama", tokenizer="char", model_config=TINY, optimizer=optimizer, reference=reference)
+    lora = LoRASettings(r=4) if method.startswith("lora") else None
+    model = SeededTokenLM(
+        model="tiny-llama", tokenizer="char", model_config=TINY, optimizer=optimizer, reference=reference, lora=lora
+    )
     return model, callback
 
 
@@ -133,7 +140,7 @@ def full_weights(model: TokenLM, strategy: str) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", choices=["single", "ddp", "fsdp2"], required=True)
-    parser.add_argument("--methods", default="rho1,sstoken")
+    parser.add_argument("--methods", default="rho1,sstoken,lora_rho1")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)

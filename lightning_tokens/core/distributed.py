@@ -6,7 +6,8 @@ batch. Under DDP/FSDP each rank holds only its share of the global batch, so a m
 ``ranks="local"`` (the default: each rank selects among its own tokens, no communication) or
 ``ranks="global"``: the method's inputs are gathered from all data-parallel ranks, the selection runs
 on the gathered batch exactly as one process would run it on the global batch, and each rank keeps the
-rows that are its own.
+rows that are its own. (The gathered rows are in rank order, not the sampler's interleaved order: a
+selection that breaks exact ties by position may break them differently from one process.)
 """
 
 from __future__ import annotations

@@ -122,16 +122,6 @@ class AdapterDisabledReference(ReferenceProvider):
     def __init__(self, settings: ReferenceSettings) -> None:
         self.settings = settings
 
-    def setup(self, module: TokenLM) -> None:
-        from lightning_tokens.modules.sharding import sharding_mesh
-
-        if sharding_mesh(module) is not None:
-            raise ValueError(
-                "reference.mode=adapter_disabled is not supported under ModelParallelStrategy (FSDP2) yet: switching "
-                "the LoRA adapters off inside a sharded model desynchronised the ranks in our 2-process test (a hang). "
-                "Use reference.mode=offline (scores from `lightning-tokens score`) or model, or the ddp strategy."
-            )
-
     def stats(self, batch: dict[str, Any], module: TokenLM) -> TokenStats:
         with torch.no_grad(), module.model.disable_adapter():
             hidden = module.hidden_states(batch)
