@@ -1,4 +1,6 @@
-"""LightningDataModules: SFT data, Number Cookbook (NUPA) tasks, ..."""
+"""LightningDataModules, one per data source: ``sft/`` (your JSONL / JSON / CSV files), ``nupa/`` (Number
+Cookbook tasks generated in code), ``filters/`` (record filters for data selection), ``sampling.py``
+(resumable shuffling)."""
 
 from lightning_tokens.datamodules.nupa import (
     NUPA_TASKS,

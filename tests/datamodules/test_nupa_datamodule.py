@@ -132,7 +132,7 @@ def test_every_task_answers_are_correct(task):
 
 
 def test_to_scient_examples():
-    from lightning_tokens.datamodules.nupa import _int_to_scient
+    from lightning_tokens.datamodules.nupa.tasks import _int_to_scient
 
     assert [_int_to_scient(v) for v in (1200, 1000, 7, 0, 10, 1234)] == ["1.2e3", "1.0e3", "7.0e0", "0.0e0", "1.0e1", "1.234e3"]
 
