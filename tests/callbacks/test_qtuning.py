@@ -269,7 +269,7 @@ def test_bisection_reaches_the_target_and_separate_refines():
     codes = classify_quadrants(ppl, ent, th, "fill", sample_ratio=0.5)
     assert ((codes == Q2) | (codes == Q4)).sum().item() == 100
     # kept fraction grows with the quantile level
-    from lightning_tokens.callbacks.qtuning import _thresholds
+    from lightning_tokens.callbacks.qtuning.functional import _thresholds
 
     kept = [_thresholds(ppl, ent, a, a).kept_fraction for a in np.linspace(0, 0.49, 20)]
     assert kept == sorted(kept)
