@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_tokens.callbacks import DFT, ExcessLossSelection
 from lightning_tokens.core.reference import ReferenceSettings
 from lightning_tokens.modules import LoRASettings, OptimizerSettings, TokenLM
-from lightning_tokens.scoring import score_reference
+from lightning_tokens.core.reference_scores import score_reference
 
 
 class RandomTokens(Dataset):

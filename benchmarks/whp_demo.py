@@ -7,7 +7,7 @@ books). Then the three steps of the method, each through the library (``TokenLM`
 + callbacks, exactly what the CLI configs run):
 
 1. reinforced model: LoRA fine-tune of the baseline on the corpus, adapter saved by ``SavePretrained``;
-2. generic labels: :func:`lightning_tokens.unlearning.build_generic_labels` with the anchors dictionary;
+2. generic labels: :func:`lightning_tokens.callbacks.unlearning.build_generic_labels` with the anchors dictionary;
 3. unlearning: LoRA fine-tune of the baseline on the corpus with ``GenericLabels``, once with hard and
    once with soft targets (a soft targets file holds the hard labels too).
 
@@ -32,10 +32,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_tokens.callbacks.unlearning import GenericLabels, SavePretrained
+from lightning_tokens.callbacks.unlearning import GenericLabels, SavePretrained, build_generic_labels
 from lightning_tokens.datamodules import SFTDataModule
 from lightning_tokens.modules import LoRASettings, OptimizerSettings, TokenLM
-from lightning_tokens.unlearning import build_generic_labels
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "examples" / "whp"
 MODEL = "smollm2-135m-instruct"

@@ -6,6 +6,11 @@ Public names are imported lazily, so ``import lightning_tokens.ops`` stays light
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+from types import ModuleType
 from typing import Any
 
 __version__ = "0.1.0"
@@ -39,3 +44,34 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'lightning_tokens' has no attribute {name!r}")
+
+
+#: Modules that moved, by their old import path. Code and YAML ``class_path`` entries written against an
+#: old path get the module at its new home (the same module object, so classes keep their identity) and
+#: a ``DeprecationWarning`` naming the new path.
+MOVED_MODULES = {
+    "lightning_tokens.guardrails": "lightning_tokens.models.guardrails",
+    "lightning_tokens.scoring": "lightning_tokens.core.reference_scores",
+    "lightning_tokens.unlearning": "lightning_tokens.callbacks.unlearning",
+}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolves an old import path of :data:`MOVED_MODULES` to the module at its new path."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        return importlib.util.spec_from_loader(fullname, self) if fullname in MOVED_MODULES else None
+
+    def create_module(self, spec: Any) -> ModuleType:
+        module = importlib.import_module(MOVED_MODULES[spec.name])
+        spec.loader_state = module.__spec__
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        alias = module.__spec__
+        module.__spec__ = alias.loader_state  # the import system stamped the alias's spec on the real module
+        warnings.warn(f"{alias.name} moved to {module.__name__}: import it from there.", DeprecationWarning, stacklevel=2)
+
+
+if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModuleFinder())

@@ -11,11 +11,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 from typing_extensions import override
 
 # imported so that YAML can name classes by their short names (TokenLM, DFT, NUPADataModule, ...)
@@ -23,12 +24,88 @@ import lightning_tokens.callbacks  # noqa: F401
 import lightning_tokens.datamodules  # noqa: F401
 import lightning_tokens.modules  # noqa: F401
 from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
-from lightning_tokens.callbacks.safety_shaping import ChunkPrefix
-from lightning_tokens.guardrails import Guardrail
+from lightning_tokens.callbacks.safety_shaping import ChunkPrefix, precompute_star_scores
+from lightning_tokens.callbacks.unlearning import GenericTargets, build_generic_labels
+from lightning_tokens.core.reference_scores import score_reference
+from lightning_tokens.models.guardrails import Guardrail
 
+
+# ---- the offline steps: a model and a datamodule run outside fit, on the trainer's root device ----------
+def attach_to_trainer(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
+    """Connect a model and a datamodule to a trainer outside ``fit``, as the offline subcommands
+    (``score``, ``star_score``, ``generic_labels``) need: the datamodule reads the model's tokenizer
+    through the trainer, and the work runs on the trainer's root device."""
+    trainer.strategy.connect(model)
+    datamodule.trainer = trainer
+    model.trainer = trainer
+
+
+def trainer_score(
+    trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule, output: str, ckpt_path: str | None = None
+) -> dict[int, Tensor]:
+    """``Trainer.score``: connect the model (datamodules may read its tokenizer), load a checkpoint's
+    weights if given, and score on the trainer's root device."""
+    attach_to_trainer(trainer, model, datamodule)
+    if ckpt_path:
+        from lightning_tokens.modules.checkpoints import consolidated_state_dict, model_weights
+
+        model.configure_model()
+        state: dict[str, Any] = consolidated_state_dict(ckpt_path)
+        model.load_state_dict(model_weights(state["state_dict"]))
+    return score_reference(model, datamodule, output, device=trainer.strategy.root_device)
+
+
+def trainer_star_score(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    output: str,
+    guardrail: Guardrail,
+    chunk_size: int = 5,
+    chunk_prefix: ChunkPrefix = "chunk_end",
+) -> dict[int, Tensor]:
+    """``Trainer.star_score``: STAR values of the datamodule's training data with ``guardrail``.
+
+    The model is only connected (datamodules read its tokenizer; its weights are not loaded); the
+    guardrail runs on the trainer's root device.
+    """
+    attach_to_trainer(trainer, model, datamodule)
+    return precompute_star_scores(
+        guardrail,
+        datamodule,
+        output,
+        chunk_size,
+        getattr(model, "tokenizer", None),
+        chunk_prefix=chunk_prefix,
+        device=trainer.strategy.root_device,
+    )
+
+
+
+def trainer_generic_labels(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    output: str,
+    reinforced_adapter: str,
+    anchors_file: str,
+    alpha: float = 5.0,
+    targets: Literal["hard", "soft"] = "hard",
+    top_k: int = 20,
+    seen_penalty: float = 10.0,
+) -> dict[int, GenericTargets]:
+    """``Trainer.generic_labels``: connect the model (the datamodule reads its tokenizer) and build the
+    generic targets on the trainer's root device (see :func:`~lightning_tokens.callbacks.unlearning.build_generic_labels`
+    for the arguments)."""
+    attach_to_trainer(trainer, model, datamodule)
+    return build_generic_labels(
+        model, datamodule, output, reinforced_adapter, anchors_file, alpha, targets, top_k, seen_penalty,
+        device=trainer.strategy.root_device,
+    )
 
 class TokensTrainer(pl.Trainer):
-    """Lightning's Trainer plus ``score``: offline per-token reference losses (a CLI subcommand)."""
+    """Lightning's Trainer plus the offline steps as subcommands: ``score`` (per-token reference losses),
+    ``star_score`` (STAR-DSS guardrail values), ``generic_labels`` (WHP unlearning targets) and ``export``."""
 
     def score(
         self,
@@ -45,8 +122,6 @@ class TokensTrainer(pl.Trainer):
             output: the safetensors file to write; give it to ``reference.scores_file`` (mode ``offline``).
             ckpt_path: optional checkpoint whose weights the reference takes.
         """
-        from lightning_tokens.scoring import trainer_score
-
         trainer_score(self, model, datamodule, output, ckpt_path)
 
     def star_score(
@@ -64,13 +139,11 @@ class TokensTrainer(pl.Trainer):
         Args:
             model: the module whose tokenizer the datamodule uses.
             datamodule: the training data.
-            guardrail: a :class:`~lightning_tokens.guardrails.Guardrail` (``class_path`` + ``init_args``).
+            guardrail: a :class:`~lightning_tokens.models.guardrails.Guardrail` (``class_path`` + ``init_args``).
             output: the safetensors file to write.
             chunk_size: tokens per chunk (M).
             chunk_prefix: which prefix scores a chunk (see ``SafetyShaping``).
         """
-        from lightning_tokens.callbacks.safety_shaping import trainer_star_score
-
         trainer_star_score(self, model, datamodule, output, guardrail, chunk_size, chunk_prefix)
 
     def generic_labels(
@@ -99,8 +172,6 @@ class TokensTrainer(pl.Trainer):
             top_k: kept entries of each soft distribution.
             seen_penalty: how much translations of anchors already seen are lowered.
         """
-        from lightning_tokens.unlearning import trainer_generic_labels
-
         trainer_generic_labels(
             self, model, datamodule, output, reinforced_adapter, anchors_file, alpha, targets, top_k, seen_penalty
         )

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_tokens.core.reference_scores import load_reference_scores, lookup_reference_nll
 from lightning_tokens.core.stats import IGNORE_INDEX, OutputHead, TokenStats
 
 if TYPE_CHECKING:
@@ -279,72 +280,3 @@ def build_reference(settings: ReferenceSettings) -> ReferenceProvider:
         "offline": OfflineReference,
     }
     return providers[settings.mode](settings)
-
-
-# ---- offline score files --------------------------------------------------------------------------
-def save_reference_scores(path: str, scores: dict[int, Tensor]) -> None:
-    """Write per-example per-token losses (float32, indexed like each example's own label positions)."""
-    from safetensors.torch import save_file
-
-    tensors = {str(int(key)): value.detach().float().cpu().contiguous() for key, value in scores.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path, metadata={"format": "lightning_tokens.reference_scores", "version": "1"})
-
-
-def load_reference_scores(path: str) -> dict[int, Tensor]:
-    from safetensors.torch import load_file
-
-    return {int(key): value for key, value in load_file(path).items()}
-
-
-def lookup_reference_nll(scores: dict[int, Tensor], batch: dict[str, Any], source: str = "scores") -> Tensor:
-    """``(B, T)`` reference NLL for a batch from stored per-example losses.
-
-    Rows are either one example each (``example_id`` (B,), tokens from position 0) or packed
-    (``token_example_ids`` (B, T) and ``position_ids`` (B, T)).
-    """
-    labels = batch["labels"]
-    out = torch.zeros(labels.shape, dtype=torch.float32)
-    token_ids = batch.get("token_example_ids")
-    if token_ids is not None and batch.get("position_ids") is not None:
-        ids, positions = token_ids.cpu(), batch["position_ids"].cpu()
-        for key in ids.unique().tolist():
-            if key < 0:
-                continue
-            stored = _stored(scores, key, source)
-            where = ids == key
-            pos = positions[where]
-            if int(pos.max()) >= stored.numel():
-                raise ValueError(
-                    f"reference scores in {source} hold {stored.numel()} tokens for example id {key} but the batch "
-                    f"has {int(pos.max()) + 1}: the data changed since scoring (re-run `lightning-tokens score`)."
-                )
-            out[where] = stored[pos]
-        return out.to(labels.device)
-    example_ids = batch.get("example_id")
-    if example_ids is None:
-        raise ValueError("the offline reference needs `example_id` in each batch to look up its scores.")
-    lengths = (
-        batch["attention_mask"].sum(-1).cpu()
-        if batch.get("attention_mask") is not None
-        else torch.full((labels.shape[0],), labels.shape[1])
-    )
-    for row, (key, length) in enumerate(zip(example_ids.cpu().tolist(), lengths.tolist())):
-        stored = _stored(scores, key, source)
-        if stored.numel() != length:
-            raise ValueError(
-                f"reference scores in {source} hold {stored.numel()} tokens for example id {key} but the batch row "
-                f"has {length}: the data or the tokenizer changed since scoring (re-run `lightning-tokens score`)."
-            )
-        out[row, :length] = stored
-    return out.to(labels.device)
-
-
-def _stored(scores: dict[int, Tensor], key: int, source: str) -> Tensor:
-    stored = scores.get(int(key))
-    if stored is None:
-        raise ValueError(
-            f"example id {key} has no reference scores in {source}: score the same data with "
-            "`lightning-tokens score` (ids must match the training data's)."
-        )
-    return stored

@@ -25,13 +25,14 @@ from lightning_tokens.callbacks.safety_shaping import (
     star_dss_loss,
     star_dss_terms,
     star_values_for_batch,
-    trainer_star_score,
 )
+from lightning_tokens.cli import trainer_star_score
 from lightning_tokens.core import TokenStats
-from lightning_tokens.core.reference import ReferenceSettings, lookup_reference_nll
+from lightning_tokens.core.reference import ReferenceSettings
+from lightning_tokens.core.reference_scores import lookup_reference_nll, score_reference
 from lightning_tokens.core.stats import OutputHead
 from lightning_tokens.datamodules import SFTDataModule
-from lightning_tokens.guardrails import (
+from lightning_tokens.models.guardrails import (
     CausalLMGuardrail,
     Guardrail,
     SequenceClassifierGuardrail,
@@ -39,7 +40,6 @@ from lightning_tokens.guardrails import (
 )
 from lightning_tokens.models.tokenizers import build_char_tokenizer
 from lightning_tokens.modules import LoRASettings, OptimizerSettings
-from lightning_tokens.scoring import score_reference
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
 RECORDS = [

@@ -16,14 +16,8 @@ import torch.nn.functional as F
 from lightning_tokens import DFT, ExcessLossSelection, SFTDataModule, TokenLM
 from lightning_tokens.callbacks.unlearning import (
     GenericLabels,
-    SavePretrained,
-    soft_target_loss,
-)
-from lightning_tokens.core.reference import ReferenceSettings
-from lightning_tokens.models.tokenizers import build_char_tokenizer
-from lightning_tokens.modules import LoRASettings, OptimizerSettings
-from lightning_tokens.unlearning import (
     GenericTargets,
+    SavePretrained,
     align_translation,
     build_generic_labels,
     generic_logits,
@@ -32,8 +26,12 @@ from lightning_tokens.unlearning import (
     load_generic_targets,
     lookup_generic_targets,
     save_generic_targets,
+    soft_target_loss,
     translate,
 )
+from lightning_tokens.core.reference import ReferenceSettings
+from lightning_tokens.models.tokenizers import build_char_tokenizer
+from lightning_tokens.modules import LoRASettings, OptimizerSettings
 
 ROOT = Path(__file__).parents[2]
 WHP = ROOT / "data" / "examples" / "whp"
@@ -561,7 +559,7 @@ def test_the_three_configs_run_through_the_cli(workflow, tmp_path):
     """configs/whp_*.yaml on the tiny baseline: fit (reinforce, SavePretrained) -> generic labels (what the
     `generic_labels` subcommand calls, on the objects the config builds) -> fit (unlearn, GenericLabels)."""
     from lightning_tokens.cli import cli
-    from lightning_tokens.unlearning import trainer_generic_labels
+    from lightning_tokens.cli import trainer_generic_labels
 
     def config(name):
         text = (ROOT / "configs" / name).read_text()

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_tokens import DFT, ExcessLossSelection, NUPADataModule, TokenLM
-from lightning_tokens.core.reference import ReferenceSettings, load_reference_scores, lookup_reference_nll
+from lightning_tokens.core.reference import ReferenceSettings
+from lightning_tokens.core.reference_scores import load_reference_scores, lookup_reference_nll, score_reference
 from lightning_tokens.modules import LoRASettings, OptimizerSettings
-from lightning_tokens.scoring import score_reference
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
 
@@ -178,3 +178,4 @@ def test_rho1_training_gradient_equals_the_slm_loss_by_hand(scope):
     trainer.fit(model, datamodule=_data())
     for p, e in zip(params, expected):
         torch.testing.assert_close(grads[id(p)].double(), e.double(), rtol=1e-4, atol=1e-7)
+

@@ -11,7 +11,7 @@ load them lazily, on the first :meth:`Guardrail.score`:
 - :class:`SequenceClassifierGuardrail`: any ``AutoModelForSequenceClassification``; ``P(safe)`` is the
   softmax probability of the safe label.
 
-Both are typed for YAML (``guardrail: {class_path: lightning_tokens.guardrails.CausalLMGuardrail,
+Both are typed for YAML (``guardrail: {class_path: lightning_tokens.models.guardrails.CausalLMGuardrail,
 init_args: {model: ..., template: ...}}``). ``model`` is a preset built from config (random weights;
 ``tokenizer`` required), a packaged model such as ``smollm2-135m-instruct``, a local folder or a hub id,
 resolved like :func:`lightning_tokens.models.presets.load_causal_lm`.

@@ -1,20 +1,5 @@
-r"""
-Who's Harry Potter: training on generic labels
-^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
-
-The last step of Eldan & Russinovich, "Who's Harry Potter? Approximate Unlearning in LLMs" (arXiv
-2310.02238): fine-tune the baseline on the original text with the *generic* targets built by
-:func:`lightning_tokens.unlearning.build_generic_labels` from
-
-.. math::
-
-    v_\mathrm{generic} = v_\mathrm{baseline}(\text{translated text}) - \alpha\,
-    \mathrm{ReLU}\big(v_\mathrm{reinforced}(\text{original text}) - v_\mathrm{baseline}(\text{translated text})\big).
-
-Hard targets replace each label by :math:`\arg\max v_\mathrm{generic}` (cross-entropy to it); soft
-targets replace the per-token loss by the cross-entropy to :math:`\operatorname{softmax}(v_\mathrm{generic})`,
-kept as its top-k ids and probabilities.
-"""
+"""The WHP Lightning callbacks: train on the generic targets (:class:`GenericLabels`, step 3) and save the trained
+model or adapter when ``fit`` ends (:class:`SavePretrained`, step 1)."""
 
 from __future__ import annotations
 
@@ -26,47 +11,29 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
-from lightning_tokens.core.options import check_choice
-from lightning_tokens.core.stats import IGNORE_INDEX, TokenStats
-from lightning_tokens.unlearning import (
+from lightning_tokens.callbacks.unlearning.functional import soft_target_loss
+from lightning_tokens.callbacks.unlearning.targets_file import (
     GenericTargets,
     load_generic_targets,
     lookup_generic_targets,
 )
+from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
+from lightning_tokens.core.options import check_choice
+from lightning_tokens.core.stats import IGNORE_INDEX, TokenStats
 
-__all__ = ["GenericLabels", "SavePretrained", "soft_target_loss"]
+__all__ = ["GenericLabels", "SavePretrained"]
 
 TargetMode = Literal["hard", "soft"]
 _IDS, _PROBS = "generic_topk_ids", "generic_topk_probs"
 
 
-def soft_target_loss(logprobs: torch.Tensor, probs: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
-    r"""Cross-entropy to soft targets kept as their top-k: :math:`-\sum_k \tilde p_k \log q_\theta(i_k)`.
-
-    Args:
-        logprobs: ``(..., k)`` the model's log-probabilities of the target ids.
-        probs: ``(..., k)`` the targets' probabilities (all 0 where there is no target).
-        renormalize: divide ``probs`` by their sum, so they form a distribution over the ``k`` ids (the
-            mass outside the top-k is dropped); ``False`` keeps the truncated full-softmax values.
-
-    Example:
-        >>> q = torch.log(torch.tensor([[0.5, 0.25]]))
-        >>> round(soft_target_loss(q, torch.tensor([[0.6, 0.2]])).item(), 6)  # -(0.75 log .5 + .25 log .25)
-        0.866434
-    """
-    p = probs.float()
-    if renormalize:
-        p = p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
-    return -(p * logprobs.float()).sum(-1)
-
-
 class GenericLabels(TokenMethod):
     """WHP unlearning: train on the generic targets built from a reinforced model and anchored terms.
 
-    Reads the file of ``lightning-tokens generic_labels`` (:func:`~lightning_tokens.unlearning.build_generic_labels`)
-    and, before each training forward, looks up every token's target by ``example_id`` / packed
-    ``token_example_ids`` + ``position_ids`` (the tokens must be the ones the targets were built on):
+    Reads the file of ``lightning-tokens generic_labels``
+    (:func:`~lightning_tokens.callbacks.unlearning.build_generic_labels`) and, before each training forward,
+    looks up every token's target by ``example_id`` / packed ``token_example_ids`` + ``position_ids`` (the
+    tokens must be the ones the targets were built on):
 
     - ``mode="hard"`` (pre-forward): ``batch["labels"]`` becomes the generic labels, -100 where the file
       has none (repeated anchored terms, tokens inside a term, tokens without a label in the data). Any
