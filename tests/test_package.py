@@ -23,6 +23,20 @@ def _imported_modules(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.parametrize("layer, allowed", [("ops", ("ops",)), ("core", ("core", "ops"))])
+def test_lower_layers_never_import_the_upper_ones(layer, allowed):
+    """ops and core know nothing of modules, callbacks, datamodules, models: a module joins the pipeline
+    through the mixin and the `ReferenceHost` protocol, not because core knows it."""
+    offenders = []
+    for path in sorted((PACKAGE / layer).rglob("*.py")):
+        for name in _imported_modules(path):
+            if name == "lightning_tokens":
+                continue  # `from lightning_tokens import ops`
+            if name.startswith("lightning_tokens.") and name.split(".")[1] not in allowed:
+                offenders.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert not offenders, offenders
+
+
 def test_no_loose_top_level_modules():
     """Every file has a role folder; only the package root, the CLI and the entry point sit at the top."""
     loose = sorted(p.name for p in PACKAGE.glob("*.py"))

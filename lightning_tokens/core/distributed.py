@@ -1,5 +1,6 @@
-"""What token methods need from data parallelism: the data-parallel group, and a batch gathered from
-every rank for selections that are global by definition.
+"""What token methods need from data parallelism: the data-parallel group, a batch gathered from every
+rank for selections that are global by definition, and FSDP2 units resharded after a forward on swapped-in
+weights.
 
 A selection such as Rho-1's "top k% of the batch" or Q-Tuning's quantile thresholds is defined over a
 batch. Under DDP/FSDP each rank holds only its share of the global batch, so a method offers
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from lightning_tokens.core.options import check_choice
 
-__all__ = ["RankScope", "check_rank_scope", "data_parallel_group", "gather_rows", "mean_over_ranks"]
+__all__ = ["RankScope", "check_rank_scope", "data_parallel_group", "gather_rows", "mean_over_ranks", "reshard_all"]
 
 RankScope = Literal["local", "global"]
 
@@ -107,3 +108,16 @@ def mean_over_ranks(values: dict[str, float | Tensor], trainer: Any) -> dict[str
     dist.all_gather_object(gathered, local, group=group)
     names = sorted(set().union(*gathered))
     return {name: sum(d[name] for d in gathered if name in d) / sum(name in d for d in gathered) for name in names}
+
+
+def reshard_all(module: torch.nn.Module) -> None:
+    """Free the all-gathered parameters of every FSDP2 unit of ``module`` (no-op without FSDP2).
+
+    Needed after a forward that ran on swapped-in parameter values (the EMA history): the root keeps its
+    parameters gathered after a forward, and a later forward would reuse the swapped values.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()

@@ -9,23 +9,25 @@
   id; looked up per batch.
 
 A provider returns the reference's statistics for a batch, indexed like ``labels`` (the same alignment
-as :class:`~lightning_tokens.core.stats.TokenStats`); methods read ``stats.reference.nll``.
+as :class:`~lightning_tokens.core.stats.TokenStats`); methods read ``stats.reference.nll``. Providers talk to
+the module they serve only through :class:`ReferenceHost`, so any module on the pipeline can have one.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from lightning_tokens.core.distributed import reshard_all
 from lightning_tokens.core.reference_scores import load_reference_scores, lookup_reference_nll
 from lightning_tokens.core.stats import IGNORE_INDEX, OutputHead, TokenStats
 
 if TYPE_CHECKING:
-    from lightning_tokens.modules.causal_lm import TokenLM
+    from lightning.pytorch.strategies import Strategy
 
 ReferenceMode = Literal["adapter_disabled", "model", "ema", "offline"]
 
@@ -79,6 +81,44 @@ class ReferenceSettings:
                 )
 
 
+@runtime_checkable
+class ReferenceHost(Protocol):
+    """What a reference provider needs from the module it serves (``TokenLM`` is one; so can be any module
+    whose loss is the token loss of a causal LM's final hidden states and output head).
+
+    Attributes:
+        model: the trained causal LM; a peft model when LoRA is on (``adapter_disabled`` switches its
+            adapters off, ``ema`` averages its trainable parameters).
+        reference_model: the ``model`` mode's frozen causal LM, set by the provider in ``setup`` (a
+            submodule, so that strategies place and shard it with the rest).
+        token_loss_backend: the fused-op backend of the module's own token loss.
+    """
+
+    model: torch.nn.Module | None
+    reference_model: torch.nn.Module | None
+    token_loss_backend: str
+
+    def hidden_states(self, batch: dict[str, Any], causal_lm: torch.nn.Module | None = None) -> Tensor:
+        """Final hidden states ``(B, T, D)`` of the batch, from the trained model or from ``causal_lm``."""
+        ...
+
+    def output_head(self) -> OutputHead:
+        """The trained model's output head."""
+        ...
+
+    def load_frozen_causal_lm(
+        self, name: str, overrides: dict[str, Any] | None = None, quantization: str | None = None
+    ) -> torch.nn.Module:
+        """A causal LM (preset, folder or hub id) for this module's vocabulary and dtype, in eval mode and
+        without gradients; ``quantization`` loads it in 4/8-bit."""
+        ...
+
+    @property
+    def strategy(self) -> Strategy | None:
+        """The attached trainer's strategy, ``None`` outside a trainer."""
+        ...
+
+
 @dataclass
 class ReferenceStats:
     """Reference statistics known only as per-token NLL (the offline mode)."""
@@ -92,13 +132,13 @@ class ReferenceProvider:
 
     settings: ReferenceSettings
 
-    def setup(self, module: TokenLM) -> None:
+    def setup(self, module: ReferenceHost) -> None:
         """Create what the mode needs; called from ``configure_model``."""
 
-    def stats(self, batch: dict[str, Any], module: TokenLM) -> TokenStats | ReferenceStats:
+    def stats(self, batch: dict[str, Any], module: ReferenceHost) -> TokenStats | ReferenceStats:
         raise NotImplementedError
 
-    def on_optimizer_step(self, module: TokenLM) -> None:
+    def on_optimizer_step(self, module: ReferenceHost) -> None:
         """Called after each optimizer step (EMA updates)."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -123,7 +163,7 @@ class AdapterDisabledReference(ReferenceProvider):
     def __init__(self, settings: ReferenceSettings) -> None:
         self.settings = settings
 
-    def stats(self, batch: dict[str, Any], module: TokenLM) -> TokenStats:
+    def stats(self, batch: dict[str, Any], module: ReferenceHost) -> TokenStats:
         with torch.no_grad(), module.model.disable_adapter():
             hidden = module.hidden_states(batch)
         return _frozen_stats(batch, hidden, module.output_head(), module.token_loss_backend)
@@ -136,26 +176,13 @@ class ModelReference(ReferenceProvider):
     def __init__(self, settings: ReferenceSettings) -> None:
         self.settings = settings
 
-    def setup(self, module: TokenLM) -> None:
+    def setup(self, module: ReferenceHost) -> None:
         if getattr(module, "reference_model", None) is not None:
             return
-        from lightning_tokens.models.presets import load_causal_lm
-        from lightning_tokens.modules.quantization import bnb_config, check_quantization
+        settings = self.settings
+        module.reference_model = module.load_frozen_causal_lm(settings.model, settings.model_config, settings.quantization)
 
-        if self.settings.quantization:
-            check_quantization(self.settings.quantization)
-        dtype = getattr(torch, module.dtype_name) if module.dtype_name else None
-        model = load_causal_lm(
-            self.settings.model,
-            vocab_size=len(module.tokenizer),
-            overrides=self.settings.model_config,
-            dtype=dtype,
-            quantization_config=bnb_config(self.settings.quantization, dtype) if self.settings.quantization else None,
-        )
-        model.eval().requires_grad_(False)
-        module.reference_model = model
-
-    def stats(self, batch: dict[str, Any], module: TokenLM) -> TokenStats:
+    def stats(self, batch: dict[str, Any], module: ReferenceHost) -> TokenStats:
         model = module.reference_model
         model.eval()  # Lightning's train() calls reach submodules; the reference stays in eval mode
         with torch.no_grad():
@@ -176,14 +203,13 @@ class EMAReference(ReferenceProvider):
         self.average: dict[str, Tensor] = {}
         self.steps = 0
 
-    def _tracked(self, module: TokenLM) -> dict[str, torch.nn.Parameter]:
+    def _tracked(self, module: ReferenceHost) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in module.model.named_parameters() if p.requires_grad}
 
-    def setup(self, module: TokenLM) -> None:
+    def setup(self, module: ReferenceHost) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
-        trainer = getattr(module, "_trainer", None)
-        if trainer is not None and isinstance(trainer.strategy, FSDPStrategy):
+        if isinstance(module.strategy, FSDPStrategy):
             raise ValueError(
                 "reference.mode=ema under FSDPStrategy is not supported (its flat-parameter shards cannot be swapped "
                 "per tensor): use ModelParallelStrategy (FSDP2), or reference.mode=model / adapter_disabled / offline."
@@ -191,7 +217,7 @@ class EMAReference(ReferenceProvider):
         if not self.average:
             self.average = {name: p.detach().clone() for name, p in self._tracked(module).items()}
 
-    def match_layout(self, module: TokenLM) -> dict[str, torch.nn.Parameter]:
+    def match_layout(self, module: ReferenceHost) -> dict[str, torch.nn.Parameter]:
         """Give every average the device, dtype and (under FSDP2) the sharding of its parameter; returns
         the tracked parameters. Averages taken before sharding, or loaded from a full checkpoint, are
         cut into this rank's shard locally (every rank holds the same full average)."""
@@ -210,9 +236,7 @@ class EMAReference(ReferenceProvider):
         return params
 
     @torch.no_grad()
-    def stats(self, batch: dict[str, Any], module: TokenLM) -> TokenStats:
-        from lightning_tokens.modules.sharding import reshard_all
-
+    def stats(self, batch: dict[str, Any], module: ReferenceHost) -> TokenStats:
         params = self.match_layout(module)
         live = {name: p.detach().clone() for name, p in params.items()}
         reshard_all(module)  # an FSDP2 root still gathered from an earlier forward would ignore the swap
@@ -228,7 +252,7 @@ class EMAReference(ReferenceProvider):
         return stats
 
     @torch.no_grad()
-    def on_optimizer_step(self, module: TokenLM) -> None:
+    def on_optimizer_step(self, module: ReferenceHost) -> None:
         self.steps += 1
         if self.steps % self.settings.ema_every:
             return
@@ -261,11 +285,11 @@ class OfflineReference(ReferenceProvider):
         self.settings = settings
         self.scores: dict[int, Tensor] | None = None
 
-    def setup(self, module: TokenLM) -> None:
+    def setup(self, module: ReferenceHost) -> None:
         if self.scores is None:
             self.scores = load_reference_scores(self.settings.scores_file)
 
-    def stats(self, batch: dict[str, Any], module: TokenLM) -> ReferenceStats:
+    def stats(self, batch: dict[str, Any], module: ReferenceHost) -> ReferenceStats:
         if self.scores is None:
             self.setup(module)
         nll = lookup_reference_nll(self.scores, batch, self.settings.scores_file)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
@@ -171,18 +172,35 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
             self._tokenizer = resolve_tokenizer(self.tokenizer_name)
         return self._tokenizer
 
+    def _load_causal_lm(self, name: str, overrides: dict[str, Any] | None, quantization: str | None) -> torch.nn.Module:
+        dtype = getattr(torch, self.dtype_name) if self.dtype_name else None
+        return load_causal_lm(
+            name,
+            vocab_size=len(self.tokenizer),
+            overrides=overrides,
+            dtype=dtype,
+            quantization_config=bnb_config(quantization, dtype) if quantization else None,
+        )
+
+    def load_frozen_causal_lm(
+        self, name: str, overrides: dict[str, Any] | None = None, quantization: str | None = None
+    ) -> torch.nn.Module:
+        """A frozen causal LM (eval mode, no gradients) for this module's vocabulary and dtype: the
+        ``model`` reference mode's (:class:`~lightning_tokens.core.reference.ReferenceHost`)."""
+        if quantization:
+            check_quantization(quantization)
+        return self._load_causal_lm(name, overrides, quantization).eval().requires_grad_(False)
+
+    @property
+    def strategy(self) -> Strategy | None:
+        """The attached trainer's strategy, ``None`` outside a trainer (e.g. offline scoring)."""
+        return self._trainer.strategy if self._trainer is not None else None
+
     @override
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        dtype = getattr(torch, self.dtype_name) if self.dtype_name else None
-        model = load_causal_lm(
-            self.model_name,
-            vocab_size=len(self.tokenizer),
-            overrides=self.model_config,
-            dtype=dtype,
-            quantization_config=bnb_config(self.quantization, dtype) if self.quantization else None,
-        )
+        model = self._load_causal_lm(self.model_name, self.model_config, self.quantization)
         _check_output_head(model)
         if model.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
             raise ValueError(

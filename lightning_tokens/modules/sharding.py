@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from lightning_tokens.core.distributed import reshard_all
+
 __all__ = ["decoder_layers", "gathered_root", "reshard_all", "shard_decoder_layers", "shard_root", "sharding_mesh"]
 
 
@@ -60,19 +62,6 @@ def shard_root(module: torch.nn.Module, mesh: Any) -> None:
     from torch.distributed.fsdp import fully_shard
 
     fully_shard(module, mesh=mesh)
-
-
-def reshard_all(module: torch.nn.Module) -> None:
-    """Free the all-gathered parameters of every FSDP2 unit of ``module`` (no-op without FSDP2).
-
-    Needed after a forward that ran on swapped-in parameter values (the EMA history): the root keeps its
-    parameters gathered after a forward, and a later forward would reuse the swapped values.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    for sub in module.modules():
-        if isinstance(sub, FSDPModule):
-            sub.reshard()
 
 
 @contextmanager

@@ -179,3 +179,69 @@ def test_rho1_training_gradient_equals_the_slm_loss_by_hand(scope):
     for p, e in zip(params, expected):
         torch.testing.assert_close(grads[id(p)].double(), e.double(), rtol=1e-4, atol=1e-7)
 
+
+class _PlainHost(torch.nn.Module):
+    """Not a TokenLM: only what `ReferenceHost` asks for, around a Hugging Face causal LM (with LoRA)."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        from lightning_tokens.models.presets import load_causal_lm
+
+        self.vocab_size = vocab_size
+        base = load_causal_lm("tiny-llama", vocab_size=vocab_size, overrides=TINY)
+        self.model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+        self.reference_model = None
+        self.token_loss_backend = "torch"
+
+    def hidden_states(self, batch, causal_lm=None):
+        lm = causal_lm if causal_lm is not None else self.model.get_base_model()
+        return lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+
+    def output_head(self):
+        from lightning_tokens.core.stats import OutputHead
+
+        return OutputHead.from_module(self.model.get_base_model().get_output_embeddings())
+
+    def load_frozen_causal_lm(self, name, overrides=None, quantization=None):
+        from lightning_tokens.models.presets import load_causal_lm
+
+        return load_causal_lm(name, vocab_size=self.vocab_size, overrides=overrides).eval().requires_grad_(False)
+
+    @property
+    def strategy(self):
+        return None
+
+
+def test_every_provider_serves_a_module_that_is_not_a_token_lm():
+    """Core talks to modules only through `ReferenceHost`: a plain module that implements it gets the same
+    reference statistics by hand as TokenLM does (adapter_disabled, model, ema)."""
+    from lightning_tokens.core.reference import ReferenceHost, build_reference
+
+    batch = _batch()
+    host = _PlainHost(vocab_size=len(_model().tokenizer))
+    assert isinstance(host, ReferenceHost) and isinstance(_model(), ReferenceHost)
+    _perturb_adapters(host.model)
+
+    disabled = build_reference(ReferenceSettings(mode="adapter_disabled"))
+    with host.model.disable_adapter():
+        expected = per_token_nll(host.model.get_base_model(), batch)
+    torch.testing.assert_close(disabled.stats(batch, host).nll.double(), expected, rtol=1e-5, atol=1e-6)
+
+    separate = build_reference(ReferenceSettings(mode="model", model="tiny-llama", model_config=TINY))
+    separate.setup(host)
+    assert all(not p.requires_grad for p in host.reference_model.parameters())
+    torch.testing.assert_close(
+        separate.stats(batch, host).nll.double(), per_token_nll(host.reference_model, batch), rtol=1e-5, atol=1e-6
+    )
+
+    ema = build_reference(ReferenceSettings(mode="ema", ema_alpha=1.0))
+    ema.setup(host)  # averages = the perturbed adapters
+    history = per_token_nll(host.model.get_base_model(), batch)
+    with torch.no_grad():
+        for name, p in host.model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    torch.testing.assert_close(ema.stats(batch, host).nll.double(), history, rtol=1e-5, atol=1e-6)
+    assert all(torch.count_nonzero(p) == 0 for n, p in host.model.named_parameters() if "lora_B" in n)  # swapped back
