@@ -1,5 +1,29 @@
 """lightning_tokens: token-level training methods for PyTorch Lightning.
 
+Every method is a statement about which tokens a model learns from, and how much; every modality (text,
+images, speech, time series) becomes tokens, and RL advantages become per-token weights, so all of them
+go through one token-loss pipeline. Where things go, by Lightning role:
+
+- ``ops/``: fused and chunked per-token statistics (NLL, entropy, log-probs, KL) without ``(tokens × vocab)``
+  logits.
+- ``core/``: ``TokenStats``, the method protocol, the exact token-mean reduction, ``TokenLossMixin``, the
+  reference / history providers and the ``ReferenceHost`` protocol through which they reach a module.
+  ``core`` never imports the packages below.
+- ``callbacks/``: the token methods, one file each (``dft.py``, ``rho1.py``), or one folder for a method
+  with several jobs (``qtuning/``: ``functional.py`` arithmetic + ``callback.py``; ``unlearning/`` adds its
+  data-preparation step).
+- ``modules/``: LightningModules, one file per model family: ``causal_lm.py`` (``TokenLM``, text) and, as
+  they arrive, the image tokenizer, the vision-language module (also time series as plots), the speech
+  modules, GRPO; their checkpoints, quantization and sharding helpers.
+- ``datamodules/``: data per source (``sft/`` your files, ``nupa/`` generated tasks, ``filters/`` data
+  selection; images, speech, time series and RL prompts as they arrive).
+- ``metrics/``: torchmetrics metrics. ``models/``: offline model builders (presets, tokenizers, the packaged
+  small model) and frozen judges (``guardrails.py``).
+- Still to come, each created with its first content: ``layers/`` (blocks shared by several modules),
+  ``rl/`` (pure RL arithmetic), ``rewards/`` (reward functions).
+- ``cli.py``: the ``lightning-tokens`` command, including the offline steps (``score``, ``star_score``,
+  ``generic_labels``, ``export``).
+
 Public names are imported lazily, so ``import lightning_tokens.ops`` stays light.
 """
 

@@ -1,4 +1,10 @@
-"""Token methods as Lightning callbacks, one file per method, and utility callbacks."""
+"""Token methods as Lightning callbacks, and utility callbacks.
+
+A method is one file (``dft.py``); a method with several jobs is one folder (``qtuning/``,
+``safety_shaping/``, ``unlearning/``) holding ``functional.py`` (its pure tensor arithmetic),
+``callback.py`` (the callback) and one file per other job (score files, data preparation), with the
+package re-exporting its public names.
+"""
 
 from lightning_tokens.callbacks.dft import DFT
 from lightning_tokens.callbacks.fait import FAIT
