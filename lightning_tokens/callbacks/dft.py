@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
 from lightning_tokens.core.stats import TokenStats
 
@@ -61,7 +62,7 @@ class DFT(TokenMethod):
 
     def __init__(self, min_weight: float = 0.0) -> None:
         if not 0.0 <= min_weight <= 1.0:
-            raise ValueError(f"DFT(min_weight={min_weight}): min_weight must lie in [0, 1].")
+            raise ConfigError(f"DFT(min_weight={min_weight}): min_weight must lie in [0, 1].")
         self.min_weight = min_weight
 
     @override

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.method import (
     BatchTokenMethod,
     TokenMethod,
@@ -153,7 +154,7 @@ def _char_opcodes(correct: str, incorrect: str, char_diff: CharDiff) -> list[Opc
     if char_diff == "difflib":
         return difflib.SequenceMatcher(None, correct, incorrect, autojunk=False).get_opcodes()
     if char_diff != "levenshtein":
-        raise ValueError(f"char_diff={char_diff!r} must be 'levenshtein' or 'difflib'.")
+        raise ConfigError(f"char_diff={char_diff!r} must be 'levenshtein' or 'difflib'.")
     prefix = len(_common_prefix(correct, incorrect))
     rest_a, rest_b = correct[prefix:], incorrect[prefix:]
     suffix = len(_common_prefix(rest_a[::-1], rest_b[::-1]))
@@ -240,7 +241,7 @@ def edit_masks(
         (np.True_, [8])
     """
     if insertions not in ("adjacent", "ignore"):
-        raise ValueError(f"insertions={insertions!r} must be 'adjacent' or 'ignore'.")
+        raise ConfigError(f"insertions={insertions!r} must be 'adjacent' or 'ignore'.")
     line_mask = np.zeros(len(correct), dtype=bool)
     spans = _line_spans(correct)
     # splitlines() drops exactly each line's terminator, matching _line_spans
@@ -377,9 +378,9 @@ class FAIT(BatchTokenMethod, TokenMethod):
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, dynamic: bool = False, max_weight: float = 2.0) -> None:
         if alpha < 0 or beta < 0:
-            raise ValueError(f"FAIT(alpha={alpha}, beta={beta}): alpha and beta must be >= 0 (they up-weight edited tokens).")
+            raise ConfigError(f"FAIT(alpha={alpha}, beta={beta}): alpha and beta must be >= 0 (they up-weight edited tokens).")
         if max_weight < 1:
-            raise ValueError(f"FAIT(max_weight={max_weight}): max_weight must be >= 1 (the dynamic factor is clipped to [1, max_weight]).")
+            raise ConfigError(f"FAIT(max_weight={max_weight}): max_weight must be >= 1 (the dynamic factor is clipped to [1, max_weight]).")
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.dynamic = bool(dynamic)

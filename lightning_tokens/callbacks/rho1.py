@@ -25,6 +25,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_tokens.core.distributed import RankScope, check_rank_scope, gather_rows
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
 from lightning_tokens.core.options import check_choice
 from lightning_tokens.core.stats import TokenStats
@@ -54,9 +55,9 @@ def select_by_excess_loss(nll: Tensor, ref_nll: Tensor, mask: Tensor, ratio: flo
         tensor([[1., 1., 0.]])
     """
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio={ratio} must lie in (0, 1].")
+        raise ConfigError(f"ratio={ratio} must lie in (0, 1].")
     if scope not in ("batch", "sample"):
-        raise ValueError(f"scope={scope!r} must be 'batch' or 'sample'.")
+        raise ConfigError(f"scope={scope!r} must be 'batch' or 'sample'.")
     mask = mask.bool()
     score = (nll.detach() - ref_nll.detach()).float()
     rows = score.reshape(1, -1) if scope == "batch" else score
@@ -99,7 +100,7 @@ class ExcessLossSelection(TokenMethod):
 
     def __init__(self, ratio: float = 0.6, scope: Scope = "batch", ranks: RankScope = "local") -> None:
         if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"ExcessLossSelection(ratio={ratio}): ratio must lie in (0, 1].")
+            raise ConfigError(f"ExcessLossSelection(ratio={ratio}): ratio must lie in (0, 1].")
         check_choice("ExcessLossSelection", "scope", scope, ("batch", "sample"))
         check_rank_scope("ExcessLossSelection", ranks)
         self.ratio = ratio

@@ -40,6 +40,7 @@ from lightning_tokens.core.attention_probe import (
     prompt_key_mask,
     segment_ids_from_positions,
 )
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
 from lightning_tokens.core.options import check_choice
 from lightning_tokens.core.stats import TokenStats
@@ -92,9 +93,9 @@ def select_tokens(
         tensor([[0., 0., 1., 0., 1., 1.]])
     """
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio={ratio} must lie in (0, 1].")
+        raise ConfigError(f"ratio={ratio} must lie in (0, 1].")
     if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma={gamma} must lie in [0, 1].")
+        raise ConfigError(f"gamma={gamma} must lie in [0, 1].")
     mask = response_mask.bool()
     score = sstoken_scores(nll, history_nll, attn_to_prompt, mask, gamma)
     # non-response positions sort last; a stable descending sort puts the earlier position first on ties
@@ -165,11 +166,11 @@ class SSToken(TokenMethod):
         self, ratio: float = 0.6, gamma: float = 0.5, warmup_steps: int = 0, layer: int = -1, prompt: PromptKeys = "first"
     ) -> None:
         if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"SSToken(ratio={ratio}): ratio must lie in (0, 1].")
+            raise ConfigError(f"SSToken(ratio={ratio}): ratio must lie in (0, 1].")
         if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"SSToken(gamma={gamma}): gamma must lie in [0, 1].")
+            raise ConfigError(f"SSToken(gamma={gamma}): gamma must lie in [0, 1].")
         if warmup_steps < 0:
-            raise ValueError(f"SSToken(warmup_steps={warmup_steps}): warmup_steps must be >= 0.")
+            raise ConfigError(f"SSToken(warmup_steps={warmup_steps}): warmup_steps must be >= 0.")
         check_choice("SSToken", "prompt", prompt, ("first", "unlabelled"))
         self.ratio = ratio
         self.gamma = gamma
@@ -183,7 +184,7 @@ class SSToken(TokenMethod):
         """Hook the probe on ``pl_module.causal_lm`` (done in ``on_fit_start``, after ``configure_model``)."""
         causal_lm = getattr(pl_module, "causal_lm", None)
         if causal_lm is None:
-            raise ValueError(
+            raise ConfigError(
                 f"SSToken reads the attention of a Hugging Face causal LM at `pl_module.causal_lm`; "
                 f"{type(pl_module).__name__} has none (use TokenLM)."
             )
@@ -231,7 +232,7 @@ class SSToken(TokenMethod):
             what="history (reference)",
         )
         if not stats.shift_labels:
-            raise ValueError("SSToken needs labels in the Hugging Face convention (shift_labels=True).")
+            raise ConfigError("SSToken needs labels in the Hugging Face convention (shift_labels=True).")
         if not self.probe.attached:
             raise RuntimeError("SSToken's attention probe is not attached: it is hooked in on_fit_start.")
         history = stats.reference.nll.to(stats.nll.device)

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.stats import IGNORE_INDEX
 
 __all__ = [
@@ -112,7 +113,7 @@ def prompt_key_mask(
         tensor([[ True,  True, False, False, False, False]])
     """
     if mode not in ("first", "unlabelled"):
-        raise ValueError(f"prompt mode {mode!r} must be 'first' or 'unlabelled'.")
+        raise ConfigError(f"prompt mode {mode!r} must be 'first' or 'unlabelled'.")
     labelled = labels != ignore_index
     valid = torch.ones_like(labelled) if attention_mask is None else attention_mask.bool()
     if mode == "unlabelled":
@@ -484,7 +485,7 @@ class AttentionProbe:
                 "since the probe was attached."
             )
         if cached.shape != tuple(key_mask.shape):
-            raise ValueError(
+            raise ConfigError(
                 f"the recorded forward had shape {cached.shape} but the key mask has "
                 f"{tuple(key_mask.shape)}: the probe must be read after the forward of the same batch."
             )

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_tokens.core.distributed import mean_over_ranks
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.method import TokenMethodOutput, token_methods
 from lightning_tokens.core.reduction import TokenCountNormalizer, global_sum
 from lightning_tokens.core.stats import IGNORE_INDEX, OutputHead, TokenStats
@@ -111,7 +112,7 @@ class TokenLossMixin:
                 keep = keep & out.mask.bool()
             if out.loss is not None:
                 if replaced_by is not None:
-                    raise ValueError(f"{method.name} and {replaced_by} both replace the per-token loss; keep one.")
+                    raise ConfigError(f"{method.name} and {replaced_by} both replace the per-token loss; keep one.")
                 per_token, replaced_by = out.loss, method.name
             if out.extra_loss is not None:
                 extra = out.extra_loss if extra is None else extra + out.extra_loss
@@ -160,7 +161,7 @@ def _data_weights(stats: TokenStats, batch: dict[str, Any]) -> Tensor:
     sample_weights = batch.get("sample_weights")
     if sample_weights is not None:
         if sample_weights.shape != stats.labels.shape[:1]:
-            raise ValueError(
+            raise ConfigError(
                 f"sample_weights must have shape (batch,) = {tuple(stats.labels.shape[:1])}, "
                 f"got {tuple(sample_weights.shape)}."
             )
@@ -179,28 +180,28 @@ def _vocab_size(head: torch.nn.Module | Tensor | None, logits: Tensor | None) ->
 def _check_labels(labels: Tensor, batch: dict[str, Any], vocab_size: int | None, ignore_index: int) -> None:
     """Fail early, naming the field and the fix, on malformed labels."""
     if labels.dim() != 2:
-        raise ValueError(f"labels must be 2-D (batch, sequence), got shape {tuple(labels.shape)}.")
+        raise ConfigError(f"labels must be 2-D (batch, sequence), got shape {tuple(labels.shape)}.")
     input_ids = batch.get("input_ids")
     if input_ids is not None and input_ids.shape != labels.shape:
-        raise ValueError(
+        raise ConfigError(
             f"labels have shape {tuple(labels.shape)} but input_ids have {tuple(input_ids.shape)}: labels must "
             "have the shape of input_ids, with -100 where no loss is taken (pad them in the collate function)."
         )
     for key in ("token_weights",):
         value = batch.get(key)
         if value is not None and value.shape != labels.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"batch['{key}'] has shape {tuple(value.shape)} but labels have {tuple(labels.shape)}: "
                 "per-token weights must be indexed like labels."
             )
     if labels.dtype.is_floating_point:
-        raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}.")
+        raise ConfigError(f"labels must be integer token ids, got dtype {labels.dtype}.")
     if vocab_size is not None and labels.numel():
         valid = labels[labels != ignore_index]
         if valid.numel():
             low, high = int(valid.min()), int(valid.max())
             if high >= vocab_size or low < 0:
-                raise ValueError(
+                raise ConfigError(
                     f"labels contain token id {high if high >= vocab_size else low} outside the vocabulary "
                     f"[0, {vocab_size}): the tokenizer and the model disagree (resize the model's embeddings "
                     f"to len(tokenizer)) or labels use a padding value other than {ignore_index}."

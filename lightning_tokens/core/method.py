@@ -35,6 +35,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_tokens.core.errors import ConfigError
+
 if TYPE_CHECKING:
     from lightning_tokens.core.stats import TokenStats
 
@@ -71,12 +73,12 @@ class _UniqueTokenCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         same = [cb for cb in trainer.callbacks if type(cb) is type(self)]
         if len(same) > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"The token method {self.name} is listed {len(same)} times in trainer.callbacks. "
                 "Each method may appear once: remove the duplicate (its arguments would be ambiguous)."
             )
         if self.requires_reference and getattr(pl_module, "reference", None) is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name} needs a reference model but the module has none configured: set the module's "
                 "`reference` to one of the modes `adapter_disabled`, `model`, `ema` or `offline`."
             )
@@ -128,7 +130,7 @@ def multiply_token_weights(batch: dict[str, Any], weights: Tensor) -> None:
     """Multiply ``batch["token_weights"]`` (created as ones if absent) by ``weights`` in place."""
     labels = batch["labels"]
     if weights.shape != labels.shape:
-        raise ValueError(
+        raise ConfigError(
             f"token weights have shape {tuple(weights.shape)} but labels have {tuple(labels.shape)}: "
             "weights must be indexed like labels, (batch, sequence)."
         )

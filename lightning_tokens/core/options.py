@@ -3,6 +3,8 @@ and the choices."""
 
 from __future__ import annotations
 
+from lightning_tokens.core.errors import ConfigError
+
 __all__ = ["check_choice"]
 
 
@@ -23,4 +25,4 @@ def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...],
         ValueError: ExcessLossSelection(scope='rows'): scope must be one of 'batch', 'sample'.
     """
     if value not in choices:
-        raise ValueError(f"{owner}({name}={value!r}): {name} must be one of {', '.join(map(repr, choices))}{hint}.")
+        raise ConfigError(f"{owner}({name}={value!r}): {name} must be one of {', '.join(map(repr, choices))}{hint}.")

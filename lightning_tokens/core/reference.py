@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_tokens.core.distributed import reshard_all
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.reference_scores import load_reference_scores, lookup_reference_nll
 from lightning_tokens.core.stats import IGNORE_INDEX, OutputHead, TokenStats
 
@@ -57,25 +58,25 @@ class ReferenceSettings:
     def validate(self, has_lora: bool) -> None:
         """Fail early, naming the field and the fix."""
         if self.mode == "adapter_disabled" and not has_lora:
-            raise ValueError(
+            raise ConfigError(
                 "reference.mode=adapter_disabled needs LoRA adapters to switch off: set `lora`, or choose "
                 "reference.mode=model (a separate frozen model), ema or offline."
             )
         if self.mode == "model" and not self.model:
-            raise ValueError("reference.mode=model needs `reference.model` (a hub id, local folder or preset).")
+            raise ConfigError("reference.mode=model needs `reference.model` (a hub id, local folder or preset).")
         if self.mode == "ema" and not (0.0 < self.ema_alpha <= 1.0 and self.ema_every >= 1):
-            raise ValueError(
+            raise ConfigError(
                 f"reference.ema_alpha={self.ema_alpha} must lie in (0, 1] and reference.ema_every="
                 f"{self.ema_every} must be >= 1."
             )
         if self.mode == "offline":
             if not self.scores_file:
-                raise ValueError(
+                raise ConfigError(
                     "reference.mode=offline needs `reference.scores_file`: compute it once with "
                     "`lightning-tokens score --config <reference config> --output FILE`."
                 )
             if not os.path.exists(self.scores_file):
-                raise ValueError(
+                raise ConfigError(
                     f"reference.scores_file={self.scores_file!r} does not exist: compute it with "
                     "`lightning-tokens score --config <reference config> --output FILE`."
                 )
@@ -210,7 +211,7 @@ class EMAReference(ReferenceProvider):
         from lightning.pytorch.strategies import FSDPStrategy
 
         if isinstance(module.strategy, FSDPStrategy):
-            raise ValueError(
+            raise ConfigError(
                 "reference.mode=ema under FSDPStrategy is not supported (its flat-parameter shards cannot be swapped "
                 "per tensor): use ModelParallelStrategy (FSDP2), or reference.mode=model / adapter_disabled / offline."
             )

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.stats import TokenStats
 
 
@@ -102,7 +103,7 @@ def lookup_reference_nll(scores: dict[int, Tensor], batch: dict[str, Any], sourc
             where = ids == key
             pos = positions[where]
             if int(pos.max()) >= stored.numel():
-                raise ValueError(
+                raise ConfigError(
                     f"reference scores in {source} hold {stored.numel()} tokens for example id {key} but the batch "
                     f"has {int(pos.max()) + 1}: the data changed since scoring (re-run `lightning-tokens score`)."
                 )
@@ -110,7 +111,7 @@ def lookup_reference_nll(scores: dict[int, Tensor], batch: dict[str, Any], sourc
         return out.to(labels.device)
     example_ids = batch.get("example_id")
     if example_ids is None:
-        raise ValueError("the offline reference needs `example_id` in each batch to look up its scores.")
+        raise ConfigError("the offline reference needs `example_id` in each batch to look up its scores.")
     lengths = (
         batch["attention_mask"].sum(-1).cpu()
         if batch.get("attention_mask") is not None
@@ -119,7 +120,7 @@ def lookup_reference_nll(scores: dict[int, Tensor], batch: dict[str, Any], sourc
     for row, (key, length) in enumerate(zip(example_ids.cpu().tolist(), lengths.tolist())):
         stored = _stored(scores, key, source)
         if stored.numel() != length:
-            raise ValueError(
+            raise ConfigError(
                 f"reference scores in {source} hold {stored.numel()} tokens for example id {key} but the batch row "
                 f"has {length}: the data or the tokenizer changed since scoring (re-run `lightning-tokens score`)."
             )
@@ -130,7 +131,7 @@ def lookup_reference_nll(scores: dict[int, Tensor], batch: dict[str, Any], sourc
 def _stored(scores: dict[int, Tensor], key: int, source: str) -> Tensor:
     stored = scores.get(int(key))
     if stored is None:
-        raise ValueError(
+        raise ConfigError(
             f"example id {key} has no reference scores in {source}: score the same data with "
             "`lightning-tokens score` (ids must match the training data's)."
         )

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_tokens import ops
+from lightning_tokens.core.errors import ConfigError
 
 IGNORE_INDEX = -100
 
@@ -89,12 +90,12 @@ class TokenStats:
 
     def __post_init__(self) -> None:
         if (self.hidden is None) == (self.logits is None):
-            raise ValueError("TokenStats needs exactly one of `hidden` (with `head`) or `logits`.")
+            raise ConfigError("TokenStats needs exactly one of `hidden` (with `head`) or `logits`.")
         if self.hidden is not None and self.head is None:
-            raise ValueError("TokenStats was given `hidden` without `head`: pass the output head too.")
+            raise ConfigError("TokenStats was given `hidden` without `head`: pass the output head too.")
         source = self.hidden if self.hidden is not None else self.logits
         if source.shape[:2] != self.labels.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"labels have shape {tuple(self.labels.shape)} but the model output has {tuple(source.shape[:2])} "
                 "positions: labels must have the shape of input_ids, (batch, sequence)."
             )

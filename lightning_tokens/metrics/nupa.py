@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torchmetrics import Metric, MetricCollection
 
+from lightning_tokens.core.errors import ConfigError
+
 __all__ = [
     "NUPA_DOMAINS",
     "NUPADigitLengthError",
@@ -81,7 +83,7 @@ def normalize_domain(domain: str) -> str:
     if domain == "int":
         return "Integer"
     if domain not in _READ_DIRECTION:
-        raise ValueError(f"Unknown NUPA domain {domain!r}; valid domains are {', '.join(NUPA_DOMAINS)} (or 'int').")
+        raise ConfigError(f"Unknown NUPA domain {domain!r}; valid domains are {', '.join(NUPA_DOMAINS)} (or 'int').")
     return domain
 
 
@@ -225,7 +227,7 @@ def _broadcast_domains(domains: Sequence[str] | str, n: int) -> list[str]:
         return [domains] * n
     domains = list(domains)
     if len(domains) != n:
-        raise ValueError(f"Got {n} predictions but {len(domains)} domains.")
+        raise ConfigError(f"Got {n} predictions but {len(domains)} domains.")
     return domains
 
 
@@ -237,7 +239,7 @@ def _nupa_update(
         raise TypeError("preds and targets must be sequences of strings, not a single string.")
     preds, targets = list(preds), list(targets)
     if len(preds) != len(targets):
-        raise ValueError(f"Got {len(preds)} predictions but {len(targets)} targets.")
+        raise ConfigError(f"Got {len(preds)} predictions but {len(targets)} targets.")
     total = 0.0
     for pred, target, domain in zip(preds, targets, _broadcast_domains(domains, len(preds))):
         total += float(nupa_scores(pred, target, domain)[index])

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_tokens.core.errors import ConfigError
+
 __all__ = ["CausalLMGuardrail", "Guardrail", "SequenceClassifierGuardrail", "render_template"]
 
 _PLACEHOLDER = re.compile(r"\{(prompt|response)\}")
@@ -64,7 +66,7 @@ class Guardrail:
     @staticmethod
     def _check_pairs(prompts: list[str], partial_responses: list[str]) -> None:
         if len(prompts) != len(partial_responses):
-            raise ValueError(
+            raise ConfigError(
                 f"score() got {len(prompts)} prompts but {len(partial_responses)} responses: give one response per prompt."
             )
 
@@ -89,13 +91,13 @@ class _HFGuardrail(Guardrail):
 
         check_model_source(model)
         if tokenizer is None and is_preset(model):
-            raise ValueError(f"{type(self).__name__}(model={model!r}) is built from config: set `tokenizer` (e.g. 'char').")
+            raise ConfigError(f"{type(self).__name__}(model={model!r}) is built from config: set `tokenizer` (e.g. 'char').")
         if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. bfloat16, float16 or float32.")
+            raise ConfigError(f"dtype={dtype!r} is not a torch dtype; use e.g. bfloat16, float16 or float32.")
         if batch_size < 1 or max_length < 2:
-            raise ValueError(f"batch_size ({batch_size}) must be >= 1 and max_length ({max_length}) >= 2.")
+            raise ConfigError(f"batch_size ({batch_size}) must be >= 1 and max_length ({max_length}) >= 2.")
         if template is not None and "{response}" not in template:
-            raise ValueError("the guardrail template must contain the placeholder {response} (and usually {prompt}).")
+            raise ConfigError("the guardrail template must contain the placeholder {response} (and usually {prompt}).")
         self.model_name = model
         self.tokenizer_name = tokenizer or model
         self.template = template
@@ -141,7 +143,7 @@ class _HFGuardrail(Guardrail):
         try:
             return auto_class.from_pretrained(source, **kwargs)
         except OSError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"guardrail model {name!r} could not be loaded ({err}). Offline, use a local folder, a packaged "
                 "model or a preset built from config."
             ) from err
@@ -216,7 +218,7 @@ class CausalLMGuardrail(_HFGuardrail):
     ) -> None:
         super().__init__(model, tokenizer, template, model_config, dtype, device, batch_size, max_length)
         if safe_token == unsafe_token:
-            raise ValueError(f"safe_token and unsafe_token are both {safe_token!r}; give two different verdict tokens.")
+            raise ConfigError(f"safe_token and unsafe_token are both {safe_token!r}; give two different verdict tokens.")
         self.safe_token = safe_token
         self.unsafe_token = unsafe_token
         self.chat_template_kwargs = chat_template_kwargs
@@ -240,12 +242,12 @@ class CausalLMGuardrail(_HFGuardrail):
         tok = self.tokenizer
         if isinstance(token, int):
             if not 0 <= token < len(tok):
-                raise ValueError(f"{name}={token} is outside the guard's vocabulary [0, {len(tok)}).")
+                raise ConfigError(f"{name}={token} is outside the guard's vocabulary [0, {len(tok)}).")
             return token
         ids = tok.encode(token, add_special_tokens=False)
         if len(ids) != 1:
             pieces = tok.convert_ids_to_tokens(ids)
-            raise ValueError(
+            raise ConfigError(
                 f"{name}={token!r} is {len(ids)} tokens {pieces} for the guard's tokenizer; a verdict must be one "
                 "token: give a variant that is (often with a leading space, e.g. ' unsafe') or its id."
             )
@@ -257,7 +259,7 @@ class CausalLMGuardrail(_HFGuardrail):
             text = render_template(self.template, prompt, response)
         else:
             if getattr(self.tokenizer, "chat_template", None) is None:
-                raise ValueError(
+                raise ConfigError(
                     f"guardrail {self.model_name!r}: the tokenizer has no chat template; give `template` with "
                     "{prompt} and {response} placeholders."
                 )
@@ -371,12 +373,12 @@ class SequenceClassifierGuardrail(_HFGuardrail):
             num_labels = int(getattr(config, "num_labels", len(id2label)))
             if isinstance(self.safe_label, int):
                 if not 0 <= self.safe_label < num_labels:
-                    raise ValueError(f"safe_label={self.safe_label} is not a class index of a {num_labels}-class model.")
+                    raise ConfigError(f"safe_label={self.safe_label} is not a class index of a {num_labels}-class model.")
                 self._safe_index = self.safe_label
             else:
                 matches = [i for i, name in id2label.items() if name.lower() == self.safe_label.lower()]
                 if len(matches) != 1:
-                    raise ValueError(
+                    raise ConfigError(
                         f"safe_label={self.safe_label!r} is not one of the classifier's labels {id2label}; give the "
                         "safe label's name or index."
                     )

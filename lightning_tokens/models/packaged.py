@@ -39,10 +39,12 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
+
+from lightning_tokens.core.errors import ConfigError
 
 __all__ = [
     "CACHE_ENV",
@@ -113,7 +115,7 @@ def is_packaged(name: Any) -> bool:
 
 def _entry(name: str) -> PackagedModel:
     if not is_packaged(name):
-        raise ValueError(f"{name!r} is not a packaged model; known: {', '.join(sorted(PACKAGED_MODELS))}.")
+        raise ConfigError(f"{name!r} is not a packaged model; known: {', '.join(sorted(PACKAGED_MODELS))}.")
     return PACKAGED_MODELS[name]
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.models.packaged import PACKAGED_MODELS, check_packaged, is_packaged, packaged_model_path
 
 # name -> (transformers model_type, config kwargs). vocab_size comes from the tokenizer.
@@ -89,7 +90,7 @@ def check_model_source(name: str, field: str = "model") -> None:
     if os.path.exists(os.path.expanduser(name)):
         return
     if looks_like_local_path(name):
-        raise ValueError(
+        raise ConfigError(
             f"{field}={name!r}: no such file or directory. Give an existing local checkpoint folder, a Hugging "
             f"Face hub id (org/name), a packaged pretrained model ({', '.join(sorted(PACKAGED_MODELS))}) or a "
             f"preset built from config: {', '.join(sorted(PRESETS))}."
@@ -115,7 +116,7 @@ def load_causal_lm(
     :func:`~lightning_tokens.models.packaged.packaged_model_path`)."""
     if is_preset(name):
         if quantization_config is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"model={name!r} is built from config with random weights; 4/8-bit quantization applies to "
                 "pretrained weights: give a packaged pretrained model "
                 f"({', '.join(sorted(PACKAGED_MODELS))}), a hub id or a local checkpoint folder, or set "
@@ -136,7 +137,7 @@ def load_causal_lm(
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
-        raise ValueError(
+        raise ConfigError(
             f"model={name!r} could not be loaded ({err}). Offline, use a local folder, a packaged pretrained "
             f"model ({', '.join(sorted(PACKAGED_MODELS))}) or a preset: {', '.join(sorted(PRESETS))}."
         ) from err

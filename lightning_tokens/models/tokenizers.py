@@ -14,14 +14,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import os
 import warnings
+from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.models.packaged import is_packaged, packaged_model_path
 
 __all__ = [
@@ -148,7 +148,7 @@ def resolve_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         '3.14'
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise ValueError(f"tokenizer must be 'char', a local directory or a Hugging Face Hub id, got {name_or_path!r}.")
+        raise ConfigError(f"tokenizer must be 'char', a local directory or a Hugging Face Hub id, got {name_or_path!r}.")
     name = name_or_path.strip()
     if name == "char":
         return build_char_tokenizer()
@@ -161,7 +161,7 @@ def resolve_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
         except OSError as err:  # offline, unknown repository, missing files
-            raise ValueError(
+            raise ConfigError(
                 f"Could not load tokenizer={name!r}: it is not an existing local directory and loading it "
                 f"as a Hugging Face Hub id failed ({type(err).__name__}: {err}). Pass a local directory "
                 "saved with `save_pretrained`, or use `tokenizer: char` for the built-in character "
@@ -186,7 +186,7 @@ def datamodule_tokenizer(arg: Any, trainer: Any, owner: str) -> PreTrainedTokeni
     module = getattr(trainer, "lightning_module", None) if trainer is not None else None
     tokenizer = getattr(module, "tokenizer", None)
     if tokenizer is None:
-        raise ValueError(
+        raise ConfigError(
             f"{owner}(tokenizer=None) uses the LightningModule's `tokenizer` attribute at setup, but "
             + ("no trainer is attached" if trainer is None else "the module has no `tokenizer`")
             + "; pass tokenizer='char', a local tokenizer directory or a Hub id."

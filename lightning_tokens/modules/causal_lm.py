@@ -15,6 +15,7 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.loss import TokenLossMixin
 from lightning_tokens.core.method import token_methods
 from lightning_tokens.core.reference import ReferenceSettings, build_reference
@@ -134,13 +135,13 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         super().__init__()
         check_model_source(model)
         if tokenizer is None and is_preset(model):
-            raise ValueError(f"model={model!r} is built from config: set `tokenizer` (e.g. tokenizer: char).")
+            raise ConfigError(f"model={model!r} is built from config: set `tokenizer` (e.g. tokenizer: char).")
         if quantization is not None:
             check_quantization(quantization)
         if reference is not None:
             reference.validate(has_lora=lora is not None)
         if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. bfloat16, float16 or float32.")
+            raise ConfigError(f"dtype={dtype!r} is not a torch dtype; use e.g. bfloat16, float16 or float32.")
         self.save_hyperparameters()
         self.model_name = model
         self.tokenizer_name = tokenizer or model
@@ -203,7 +204,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         model = self._load_causal_lm(self.model_name, self.model_config, self.quantization)
         _check_output_head(model)
         if model.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
-            raise ValueError(
+            raise ConfigError(
                 f"the tokenizer has {len(self.tokenizer)} tokens but model {self.model_name!r} has only "
                 f"{model.get_input_embeddings().weight.shape[0]} embeddings: use the model's own tokenizer."
             )
@@ -431,7 +432,7 @@ def _check_output_head(model: torch.nn.Module) -> None:
     for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         value = getattr(config, attribute, None)
         if value not in (None, 1, 1.0):
-            raise ValueError(
+            raise ConfigError(
                 f"{type(model).__name__} post-processes its logits ({attribute}={value}); the fused token loss "
                 "would score different probabilities. Such models are not supported yet."
             )

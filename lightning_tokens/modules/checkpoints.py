@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from lightning_tokens.core.errors import ConfigError
+
 if TYPE_CHECKING:
     from lightning_tokens.core.reference import ReferenceProvider
     from lightning_tokens.modules.causal_lm import TokenLM
@@ -110,7 +112,7 @@ def consolidated_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_dir():
         return torch.load(path, map_location="cpu", weights_only=False)
     if not is_sharded_checkpoint(path):
-        raise ValueError(f"{str(path)!r} is a folder but not a sharded checkpoint (no meta.pt): give a .ckpt file or a sharded folder.")
+        raise ConfigError(f"{str(path)!r} is a folder but not a sharded checkpoint (no meta.pt): give a .ckpt file or a sharded folder.")
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +148,7 @@ def export_checkpoint(module: TokenLM, ckpt_path: str, output: str, format: Expo
         export_checkpoint(TokenLM(model="tiny-llama", tokenizer="char"), "runs/fsdp/checkpoints/last.ckpt", "export/")
     """
     if format not in ("hf", "state_dict"):
-        raise ValueError(f"export format={format!r}: choose 'hf' (save_pretrained folder) or 'state_dict' (one file).")
+        raise ConfigError(f"export format={format!r}: choose 'hf' (save_pretrained folder) or 'state_dict' (one file).")
     checkpoint = consolidated_state_dict(ckpt_path)
     weights = model_weights(checkpoint["state_dict"])
     if format == "state_dict":
@@ -157,7 +159,7 @@ def export_checkpoint(module: TokenLM, ckpt_path: str, output: str, format: Expo
     missing, unexpected = module.load_state_dict(weights, strict=False)
     missing = [name for name in missing if not name.startswith("reference_model.")]
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {ckpt_path!r} does not match the configured model (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}): export with the config the checkpoint was trained with."
         )

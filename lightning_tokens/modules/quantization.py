@@ -43,6 +43,8 @@ import torch
 from lightning.pytorch.plugins import BitsandbytesPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
+from lightning_tokens.core.errors import ConfigError
+
 if TYPE_CHECKING:
     from lightning_tokens.modules.causal_lm import TokenLM
 
@@ -71,11 +73,11 @@ def check_quantization(mode: str, field: str = "quantization") -> None:
         >>> check_quantization("nf4")  # bitsandbytes installed: passes
     """
     if mode not in QUANTIZATION_MODES:
-        raise ValueError(f"{field}={mode!r} is not a mode: choose one of {QUANTIZATION_MODES} or null.")
+        raise ConfigError(f"{field}={mode!r} is not a mode: choose one of {QUANTIZATION_MODES} or null.")
     try:
         import bitsandbytes  # noqa: F401
     except Exception as err:  # bitsandbytes raises various errors on machines it cannot run on
-        raise ValueError(
+        raise ConfigError(
             f"{field}={mode!r} needs bitsandbytes, which cannot be imported here ({err}). Install it "
             f"(`pip install bitsandbytes`) or set {field}: null."
         ) from err
@@ -142,12 +144,12 @@ def prepare_precision_plugin(module: TokenLM) -> None:
         return
     trainer = module._trainer
     if module.quantization is not None:
-        raise ValueError(
+        raise ConfigError(
             f"model.quantization={module.quantization!r} and {_PLUGIN} would both quantize the model: choose "
             "one. Set model.quantization: null to let the plugin quantize on the GPU, or drop the plugin."
         )
     if isinstance(trainer.strategy, FSDPStrategy):
-        raise ValueError(
+        raise ConfigError(
             f"{_PLUGIN} does not work with {type(trainer.strategy).__name__} (Lightning issue #20855): use "
             "trainer.strategy: auto on one GPU, or model.quantization with transformers' BitsAndBytesConfig."
         )
@@ -195,7 +197,7 @@ def quantize_for_precision(model: torch.nn.Module, plugin: BitsandbytesPrecision
     ignore = _ignore_set(plugin.ignore_modules)
     head = _head_name(model)
     if not any(head.startswith(prefix) for prefix in ignore):
-        raise ValueError(
+        raise ConfigError(
             f"{_PLUGIN} would quantize the output head {head!r} (ignore_modules={sorted(plugin.ignore_modules)}); "
             f"the fused token loss reads its weight in floating point. Add it to ignore_modules: in YAML "
             f"`ignore_modules: [{head}]`, in Python BitsandbytesPrecision(..., ignore_modules={{{head!r}}})."
@@ -249,7 +251,7 @@ class QLoRAPrecision(BitsandbytesPrecision):
         if dtype is None:
             dtype = "float16" if mode.startswith("int8") else "bfloat16"
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype; use bfloat16 or float16.")  # noqa: TRY004
+            raise ConfigError(f"dtype={dtype!r} is not a torch dtype; use bfloat16 or float16.")  # noqa: TRY004
         super().__init__(mode=mode, dtype=getattr(torch, dtype), ignore_modules=set(ignore_modules or ["lm_head"]))
 
     def module_init_context(self) -> AbstractContextManager:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lightning_tokens.core.distributed import reshard_all
+from lightning_tokens.core.errors import ConfigError
 
 __all__ = ["decoder_layers", "gathered_root", "reshard_all", "shard_decoder_layers", "shard_root", "sharding_mesh"]
 
@@ -33,7 +34,7 @@ def sharding_mesh(module: Any) -> Any | None:
         return None
     names = mesh.mesh_dim_names or ()
     if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-        raise ValueError(
+        raise ConfigError(
             f"ModelParallelStrategy(tensor_parallel_size={mesh['tensor_parallel'].size()}): TokenLM shards with FSDP2 "
             "only; set tensor_parallel_size=1 (and data_parallel_size to the number of processes)."
         )

@@ -20,6 +20,7 @@ from lightning_tokens.callbacks.qtuning.functional import (
     qtuning_mask,
 )
 from lightning_tokens.core.distributed import RankScope, check_rank_scope, gather_rows
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
 from lightning_tokens.core.options import check_choice
 from lightning_tokens.core.stats import TokenStats
@@ -121,15 +122,15 @@ class QTuning(TokenMethod):
     ) -> None:
         prefix = "QTuning("
         if not 0.0 < sample_ratio <= 1.0:
-            raise ValueError(f"{prefix}sample_ratio={sample_ratio}): sample_ratio must lie in (0, 1].")
+            raise ConfigError(f"{prefix}sample_ratio={sample_ratio}): sample_ratio must lie in (0, 1].")
         if not 0.0 < token_ratio <= 1.0:
-            raise ValueError(f"{prefix}token_ratio={token_ratio}): token_ratio must lie in (0, 1].")
+            raise ConfigError(f"{prefix}token_ratio={token_ratio}): token_ratio must lie in (0, 1].")
         if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"{prefix}lam={lam}): lam must lie in [0, 1].")
+            raise ConfigError(f"{prefix}lam={lam}): lam must lie in [0, 1].")
         if bisect_iters < 1:
-            raise ValueError(f"{prefix}bisect_iters={bisect_iters}): bisect_iters must be at least 1.")
+            raise ConfigError(f"{prefix}bisect_iters={bisect_iters}): bisect_iters must be at least 1.")
         if bisect_tol < 0:
-            raise ValueError(f"{prefix}bisect_tol={bisect_tol}): bisect_tol must be non-negative.")
+            raise ConfigError(f"{prefix}bisect_tol={bisect_tol}): bisect_tol must be non-negative.")
         for name, value, choices in (
             ("neighbor_scaling", neighbor_scaling, ("sum", "mean")),
             ("keep", keep, ("lowest", "highest")),

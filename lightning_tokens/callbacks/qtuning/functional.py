@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.options import check_choice
 
 __all__ = [
@@ -69,7 +70,7 @@ def sample_index(mask: Tensor, sample_ids: Tensor | None = None) -> tuple[Tensor
         index = torch.arange(rows, device=mask.device).unsqueeze(1).expand(rows, length)
         return torch.where(mask, index, torch.full_like(index, -1)), rows
     if sample_ids.shape != mask.shape:
-        raise ValueError(f"sample_ids have shape {tuple(sample_ids.shape)}, the mask {tuple(mask.shape)}.")
+        raise ConfigError(f"sample_ids have shape {tuple(sample_ids.shape)}, the mask {tuple(mask.shape)}.")
     row_of = torch.arange(rows, device=mask.device).unsqueeze(1).expand(rows, length)
     pairs = torch.stack([row_of[mask], sample_ids.to(mask.device).long()[mask]], dim=-1)
     index = torch.full((rows, length), -1, dtype=torch.long, device=mask.device)
@@ -203,9 +204,9 @@ def find_quadrant_thresholds(
         0.5
     """
     if not 0.0 < sample_ratio <= 1.0:
-        raise ValueError(f"sample_ratio={sample_ratio} must lie in (0, 1].")
+        raise ConfigError(f"sample_ratio={sample_ratio} must lie in (0, 1].")
     if iters < 1:
-        raise ValueError(f"iters={iters} must be at least 1.")
+        raise ConfigError(f"iters={iters} must be at least 1.")
     check_choice("find_quadrant_thresholds", "bisection", bisection, ("joint", "separate"))
     ppl, ent = ppl.detach().double().cpu(), ent.detach().double().cpu()
     if not bool((~(torch.isnan(ppl) | torch.isnan(ent))).any()):
@@ -278,7 +279,7 @@ def classify_quadrants(
         codes[mid & ppl_mid & ent_mid] = Q4
     elif mid_range == "fill":
         if sample_ratio is None:
-            raise ValueError("mid_range='fill' needs sample_ratio (the number of samples to keep).")
+            raise ConfigError("mid_range='fill' needs sample_ratio (the number of samples to keep).")
         total = int(valid.sum())
         target = min(max(1, round(total * sample_ratio)), total)
         kept = (codes == Q2) | (codes == Q4)
@@ -400,7 +401,7 @@ def prune_tokens(
         tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.int32)
     """
     if not 0.0 < token_ratio <= 1.0:
-        raise ValueError(f"token_ratio={token_ratio} must lie in (0, 1].")
+        raise ConfigError(f"token_ratio={token_ratio} must lie in (0, 1].")
     check_choice("prune_tokens", "keep", keep, ("lowest", "highest"))
     candidates = candidates.bool()
     if index is None:
@@ -506,9 +507,9 @@ def qtuning_mask(
         ([2, 4, 1, 3], [[0, 1, 0], [0, 1, 1], [0, 0, 0], [0, 0, 0]])
     """
     if not 0.0 < token_ratio <= 1.0:
-        raise ValueError(f"token_ratio={token_ratio} must lie in (0, 1].")
+        raise ConfigError(f"token_ratio={token_ratio} must lie in (0, 1].")
     if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam={lam} must lie in [0, 1].")
+        raise ConfigError(f"lam={lam} must lie in [0, 1].")
     check_choice("qtuning_mask", "token_budget", token_budget, ("sample", "batch"))
     mask = mask.bool()
     nll = nll.detach()

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_tokens.callbacks.safety_shaping.functional import ChunkPrefix, star_dss_terms
 from lightning_tokens.callbacks.safety_shaping.scores import load_star_scores, star_values_for_batch
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.loss import _data_weights
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
 from lightning_tokens.core.options import check_choice
@@ -106,14 +107,14 @@ class SafetyShaping(TokenMethod):
     ) -> None:
         name = type(self).__name__
         if (scores_file is None) == (guardrail is None):
-            raise ValueError(
+            raise ConfigError(
                 f"{name} needs exactly one source of STAR values: `scores_file` (precomputed with "
                 "`lightning-tokens star_score`) or `guardrail` (scored on the fly)."
             )
         if chunk_size < 1:
-            raise ValueError(f"{name}(chunk_size={chunk_size}): chunk_size must be >= 1.")
+            raise ConfigError(f"{name}(chunk_size={chunk_size}): chunk_size must be >= 1.")
         if not (kl_coef >= 0 and math.isfinite(kl_coef)):
-            raise ValueError(f"{name}(kl_coef={kl_coef}): kl_coef must be a finite number >= 0.")
+            raise ConfigError(f"{name}(kl_coef={kl_coef}): kl_coef must be a finite number >= 0.")
         for option, value, allowed in (
             ("kl_estimator", kl_estimator, ("full", "k3")),
             ("kl_direction", kl_direction, ("policy_reference", "reference_policy")),
@@ -122,7 +123,7 @@ class SafetyShaping(TokenMethod):
         ):
             check_choice(name, option, value, allowed)
         if kl_chunk_size is not None and kl_chunk_size < 1:
-            raise ValueError(f"{name}(kl_chunk_size={kl_chunk_size}): must be >= 1.")
+            raise ConfigError(f"{name}(kl_chunk_size={kl_chunk_size}): must be >= 1.")
         self.scores_file = scores_file
         self.guardrail = guardrail
         self.chunk_size = chunk_size
@@ -143,7 +144,7 @@ class SafetyShaping(TokenMethod):
             return
         mode = getattr(getattr(getattr(pl_module, "reference", None), "settings", None), "mode", None)
         if self.kl_estimator == "full" and mode == "offline":
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}(kl_estimator='full') needs the reference's hidden states and output head for the "
                 "full-vocabulary KL, but reference.mode=offline stores per-token losses only: use "
                 "kl_estimator='k3' (the single-token estimator) or reference.mode adapter_disabled (LoRA), "
@@ -155,14 +156,14 @@ class SafetyShaping(TokenMethod):
     def _load_scores(self) -> None:
         path = self.scores_file
         if not os.path.exists(path):
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}(scores_file={path!r}): no such file; compute it first with `lightning-tokens "
                 "star_score --config <config> --guardrail ... --output FILE` (precompute_star_scores)."
             )
         scores, metadata = load_star_scores(path)
         stored = (int(metadata.get("chunk_size", self.chunk_size)), metadata.get("chunk_prefix", self.chunk_prefix))
         if stored != (self.chunk_size, self.chunk_prefix):
-            raise ValueError(
+            raise ConfigError(
                 f"{path} was scored with chunk_size={stored[0]}, chunk_prefix={stored[1]!r} but {self.name} is set to "
                 f"chunk_size={self.chunk_size}, chunk_prefix={self.chunk_prefix!r}: make them agree or re-score."
             )
@@ -179,7 +180,7 @@ class SafetyShaping(TokenMethod):
         if self.guardrail is not None:
             tokenizer = getattr(pl_module, "tokenizer", None)
             if tokenizer is None:
-                raise ValueError(f"{self.name}(guardrail=...) decodes batches with the module's `tokenizer`, which it lacks.")
+                raise ConfigError(f"{self.name}(guardrail=...) decodes batches with the module's `tokenizer`, which it lacks.")
             device = getattr(pl_module, "device", None)
             if device is not None:
                 self.guardrail.to(device)
@@ -191,7 +192,7 @@ class SafetyShaping(TokenMethod):
         try:
             return lookup_reference_nll(self._scores, batch, self.scores_file)
         except ValueError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"{err} [{self.name}: the STAR scores no longer match the data; re-run `lightning-tokens star_score`]"
             ) from None
 
@@ -200,7 +201,7 @@ class SafetyShaping(TokenMethod):
         values = batch.get(STAR_VALUES_KEY)
         if values is None:
             if "input_ids" not in batch:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.name} needs the batch (with input_ids, labels and example ids) in the token loss: "
                     "pass `batch=` to token_loss."
                 )
@@ -208,12 +209,12 @@ class SafetyShaping(TokenMethod):
         values = values.to(device=stats.mask.device, dtype=torch.float32)
         active = values[stats.mask]
         if torch.isnan(active).any():
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: {int(torch.isnan(active).sum())} labelled tokens have no STAR value (the scores were "
                 "computed on other labels): re-run `lightning-tokens star_score` on this data."
             )
         if (active < 0).any() or (active > 1).any():
-            raise ValueError(f"{self.name}: STAR values must lie in [0, 1].")
+            raise ConfigError(f"{self.name}: STAR values must lie in [0, 1].")
         return torch.where(stats.mask, values, torch.ones_like(values))
 
     # ---- KL ------------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ class SafetyShaping(TokenMethod):
         ref_hidden = getattr(reference, "hidden", None)
         ref_logits = getattr(reference, "logits", None)
         if ref_hidden is None and ref_logits is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}(kl_estimator='full') needs the reference's hidden states and head; this reference has "
                 "per-token losses only (offline): use kl_estimator='k3' or another reference mode."
             )
@@ -256,7 +257,7 @@ class SafetyShaping(TokenMethod):
             else:
                 values = (log_p.exp() * (log_p - log_q)).sum(-1)
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: the current statistics and the reference's must both come from hidden states + head "
                 "or both from logits."
             )

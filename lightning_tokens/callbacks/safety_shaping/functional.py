@@ -8,6 +8,8 @@ from typing import Literal
 import torch  # noqa: F401 - the doctests use it
 from torch import Tensor
 
+from lightning_tokens.core.errors import ConfigError
+
 ChunkPrefix = Literal["chunk_end", "chunk_start"]
 
 # A token whose V is exactly 0 still carries its KL term: its weight is floored here so that the
@@ -28,9 +30,9 @@ def chunk_prefix_lengths(response_length: int, chunk_size: int, chunk_prefix: Ch
         ([5, 10, 12], [0, 5, 10])
     """
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}.")
     if chunk_prefix not in ("chunk_end", "chunk_start"):
-        raise ValueError(f"chunk_prefix must be 'chunk_end' or 'chunk_start', got {chunk_prefix!r}.")
+        raise ConfigError(f"chunk_prefix must be 'chunk_end' or 'chunk_start', got {chunk_prefix!r}.")
     chunks = math.ceil(response_length / chunk_size)
     if chunk_prefix == "chunk_end":
         return [min(k * chunk_size, response_length) for k in range(1, chunks + 1)]
@@ -55,10 +57,10 @@ def chunk_weights(chunk_scores: Tensor, response_length: int, chunk_size: int) -
         tensor([1.0000, 1.0000, 1.0000, 1.0000, 0.5000, 0.5000, 0.5000])
     """
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}.")
     expected = math.ceil(response_length / chunk_size)
     if chunk_scores.shape[-1] != expected:
-        raise ValueError(
+        raise ConfigError(
             f"a response of {response_length} tokens in chunks of {chunk_size} has {expected} chunks, "
             f"got {chunk_scores.shape[-1]} chunk scores."
         )

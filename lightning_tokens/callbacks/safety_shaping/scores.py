@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_tokens.callbacks.safety_shaping.functional import ChunkPrefix, chunk_prefix_lengths, chunk_weights
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.reference_scores import load_reference_scores
 from lightning_tokens.core.stats import IGNORE_INDEX
 from lightning_tokens.models.guardrails import Guardrail
@@ -92,9 +93,9 @@ def _score_examples(
     prefixes = [text for p in prepared if p is not None for text in p[1]]
     scores = guardrail.score(prompts, prefixes).detach().float().cpu().reshape(-1)
     if scores.numel() != len(prompts):
-        raise ValueError(f"the guardrail returned {scores.numel()} scores for {len(prompts)} (prompt, response) pairs.")
+        raise ConfigError(f"the guardrail returned {scores.numel()} scores for {len(prompts)} (prompt, response) pairs.")
     if not torch.isfinite(scores).all() or (scores < 0).any() or (scores > 1).any():
-        raise ValueError("the guardrail returned scores outside [0, 1]; P(safe) must be a probability.")
+        raise ConfigError("the guardrail returned scores outside [0, 1]; P(safe) must be a probability.")
     out, cursor = [], 0
     for (ids, _), p in zip(examples, prepared):
         values = torch.full((ids.numel(),), math.nan)
@@ -152,7 +153,7 @@ def load_star_scores(path: str) -> tuple[dict[int, Tensor], dict[str, str]]:
     with safe_open(path, framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
     if metadata.get("format") != STAR_FORMAT:
-        raise ValueError(
+        raise ConfigError(
             f"{path} is not a STAR score file (format {metadata.get('format')!r}): compute one with "
             "`lightning-tokens star_score` (precompute_star_scores)."
         )
@@ -176,7 +177,7 @@ def _iter_examples(data: Any) -> Iterable[list[tuple[int, Tensor, Tensor, Tensor
             group = []
             for row, cols, positions, key in _batch_examples(item):
                 if key is None:
-                    raise ValueError("batches need `example_id` or `token_example_ids` to key their STAR scores.")
+                    raise ConfigError("batches need `example_id` or `token_example_ids` to key their STAR scores.")
                 group.append((key, positions, ids[row, cols], labels[row, cols]))
             yield group
         else:
@@ -231,7 +232,7 @@ def precompute_star_scores(
         data.setup("fit")
         tokenizer = tokenizer if tokenizer is not None else getattr(data, "tokenizer", None)
     if tokenizer is None:
-        raise ValueError("precompute_star_scores needs a `tokenizer` to decode the examples into text for the guardrail.")
+        raise ConfigError("precompute_star_scores needs a `tokenizer` to decode the examples into text for the guardrail.")
     chunk_prefix_lengths(0, chunk_size, chunk_prefix)  # validates both
     if device is not None:
         guardrail.to(device)

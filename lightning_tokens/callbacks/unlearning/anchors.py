@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_tokens.core.errors import ConfigError
+
 __all__ = ["AlignedTokens", "AnchorOccurrence", "Translation", "align_translation", "load_anchors", "translate"]
 
 
@@ -25,12 +27,12 @@ def load_anchors(path: str) -> dict[str, str]:
         try:
             anchors = json.load(handle)
         except json.JSONDecodeError as err:
-            raise ValueError(f"anchors_file {path!r}: invalid JSON ({err.msg}, line {err.lineno}).") from None
+            raise ConfigError(f"anchors_file {path!r}: invalid JSON ({err.msg}, line {err.lineno}).") from None
     if not isinstance(anchors, dict) or not anchors:
-        raise ValueError(f"anchors_file {path!r} must hold a non-empty JSON object {{term: generic term}}.")
+        raise ConfigError(f"anchors_file {path!r} must hold a non-empty JSON object {{term: generic term}}.")
     for term, generic in anchors.items():
         if not isinstance(generic, str) or not term.strip() or not generic.strip():
-            raise ValueError(f"anchors_file {path!r}: term {term!r} must map to a non-empty string, got {generic!r}.")
+            raise ConfigError(f"anchors_file {path!r}: term {term!r} must map to a non-empty string, got {generic!r}.")
     return dict(anchors)
 
 
@@ -169,7 +171,7 @@ def align_translation(
         [7, 8]
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("anchored-term translation maps characters to tokens through offsets: use a fast tokenizer.")
+        raise ConfigError("anchored-term translation maps characters to tokens through offsets: use a fast tokenizer.")
     original_ids, translated_ids = list(prefix_ids), list(prefix_ids)
     original_keys: list[Any] = [("prefix", i) for i in range(len(prefix_ids))]
     translated_keys: list[Any] = list(original_keys)

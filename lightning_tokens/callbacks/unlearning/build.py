@@ -15,6 +15,7 @@ from torch import Tensor
 from lightning_tokens.callbacks.unlearning.anchors import AlignedTokens, align_translation, load_anchors
 from lightning_tokens.callbacks.unlearning.functional import generic_targets_from_logits
 from lightning_tokens.callbacks.unlearning.targets_file import GenericTargets, save_generic_targets
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.stats import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def _attach_reinforced(model: TokenLM, path: str) -> Iterator[_Models]:
         reinforced.to(next(model.model.parameters()).device).eval()
         yield _Models(nullcontext, nullcontext, model.causal_lm, reinforced)
     else:
-        raise ValueError(
+        raise ConfigError(
             f"reinforced_adapter={path!r} holds neither a peft adapter (adapter_config.json) nor a model "
             "(config.json): give the folder written by SavePretrained / TokenLM.save_pretrained in step 1."
         )
@@ -90,7 +91,7 @@ def _aligned_example(
     aligned = align_translation(tokenizer, [s.text for s in parsed.segments], anchors, bos if parsed.bos else [], eos)
     n = stored_ids.numel()
     if aligned.original_ids[:n] != stored_ids.tolist():
-        raise ValueError(
+        raise ConfigError(
             f"{parsed.location}: re-tokenizing the example does not reproduce the datamodule's tokens "
             "(truncate_left or a chat template that renders differently?); use truncation: truncate_right or error."
         )
@@ -107,13 +108,13 @@ def _check_arguments(model: TokenLM, datamodule: Any, targets: str, alpha: float
     from lightning_tokens.datamodules.sft import SFTDataModule
 
     if targets not in ("hard", "soft"):
-        raise ValueError(f"targets={targets!r} must be 'hard' or 'soft'.")
+        raise ConfigError(f"targets={targets!r} must be 'hard' or 'soft'.")
     if alpha < 0 or top_k < 1 or seen_penalty < 0:
-        raise ValueError(f"alpha={alpha} and seen_penalty={seen_penalty} must be >= 0 and top_k={top_k} >= 1.")
+        raise ConfigError(f"alpha={alpha} and seen_penalty={seen_penalty} must be >= 0 and top_k={top_k} >= 1.")
     if not isinstance(datamodule, SFTDataModule):
         raise TypeError(f"generic labels are built from an SFTDataModule's files, got {type(datamodule).__name__}.")
     if getattr(model, "lora", None) is not None:
-        raise ValueError(
+        raise ConfigError(
             "the generic-labels step runs the baseline model: set the model's `lora` to null (the reinforced "
             "adapter of step 1 is attached from `reinforced_adapter`)."
         )

@@ -17,6 +17,7 @@ from lightning_tokens.callbacks.unlearning.targets_file import (
     load_generic_targets,
     lookup_generic_targets,
 )
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
 from lightning_tokens.core.options import check_choice
 from lightning_tokens.core.stats import IGNORE_INDEX, TokenStats
@@ -83,7 +84,7 @@ class GenericLabels(TokenMethod):
         if self._targets is None:
             targets, metadata = load_generic_targets(self.targets_file)
             if self.mode == "soft" and metadata.get("targets") != "soft":
-                raise ValueError(
+                raise ConfigError(
                     f"GenericLabels(mode='soft') needs soft targets but {self.targets_file!r} holds "
                     f"{metadata.get('targets')!r} targets: rebuild it with targets=soft, or use mode='hard'."
                 )

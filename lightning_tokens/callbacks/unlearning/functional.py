@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_tokens.core.errors import ConfigError
+
 __all__ = ["generic_logits", "generic_targets_from_logits", "soft_target_loss"]
 
 
@@ -23,7 +25,7 @@ def generic_logits(v_base: Tensor, v_reinforced: Tensor, alpha: float = 5.0) -> 
         tensor([ -8.0000,   1.0000,   0.5000, -11.0000])
     """
     if alpha < 0:
-        raise ValueError(f"alpha={alpha} must be >= 0.")
+        raise ConfigError(f"alpha={alpha} must be >= 0.")
     return v_base - alpha * torch.relu(v_reinforced - v_base)
 
 

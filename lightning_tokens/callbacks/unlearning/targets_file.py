@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.stats import IGNORE_INDEX
 
 __all__ = ["FILE_FORMAT", "GenericTargets", "load_generic_targets", "lookup_generic_targets", "save_generic_targets"]
@@ -44,7 +45,7 @@ def save_generic_targets(path: str, targets: dict[int, GenericTargets], metadata
     for key, target in targets.items():
         has_soft = target.topk_ids is not None
         if soft is not None and has_soft != soft:
-            raise ValueError("every example must have soft targets, or none.")
+            raise ConfigError("every example must have soft targets, or none.")
         soft = has_soft
         tensors[f"{int(key)}.input_ids"] = target.input_ids.to(torch.int32).cpu().contiguous()
         tensors[f"{int(key)}.labels"] = target.labels.to(torch.int64).cpu().contiguous()
@@ -69,7 +70,7 @@ def load_generic_targets(path: str) -> tuple[dict[int, GenericTargets], dict[str
     with safe_open(path, framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
     if metadata.get("format") != FILE_FORMAT:
-        raise ValueError(f"{path!r} is not a generic-targets file (format {metadata.get('format')!r}, expected {FILE_FORMAT!r}).")
+        raise ConfigError(f"{path!r} is not a generic-targets file (format {metadata.get('format')!r}, expected {FILE_FORMAT!r}).")
     fields: dict[int, dict[str, Tensor]] = {}
     for name, value in load_file(path).items():
         key, _, part = name.partition(".")
@@ -100,7 +101,7 @@ def lookup_generic_targets(
     if soft:
         first = next(iter(targets.values()), None)
         if first is None or first.topk_ids is None:
-            raise ValueError(f"{source} holds hard targets only; rebuild it with targets=soft for mode=soft.")
+            raise ConfigError(f"{source} holds hard targets only; rebuild it with targets=soft for mode=soft.")
         k = first.topk_ids.shape[1]
     ids = torch.zeros(shape + (k,), dtype=torch.long) if soft else None
     probs = torch.zeros(shape + (k,), dtype=torch.float32) if soft else None
@@ -108,17 +109,17 @@ def lookup_generic_targets(
     def place(key: int, where: tuple[Tensor, ...], positions: Tensor) -> None:
         stored = targets.get(int(key))
         if stored is None:
-            raise ValueError(
+            raise ConfigError(
                 f"example id {key} has no generic targets in {source}: build them on the same data "
                 "(ids must match the training data's)."
             )
         if positions.numel() and int(positions.max()) >= stored.labels.numel():
-            raise ValueError(
+            raise ConfigError(
                 f"{source} holds {stored.labels.numel()} tokens for example id {key} but the batch has more: the data "
                 "or the tokenizer changed since the targets were built (rebuild them)."
             )
         if not torch.equal(stored.input_ids[positions], input_ids[where]):
-            raise ValueError(
+            raise ConfigError(
                 f"the tokens of example id {key} differ from those {source} was built on: the data or the tokenizer "
                 "changed (rebuild the targets with the training config's data and model)."
             )
@@ -138,7 +139,7 @@ def lookup_generic_targets(
     else:
         example_ids = batch.get("example_id")
         if example_ids is None:
-            raise ValueError("GenericLabels needs `example_id` (or `token_example_ids` with `position_ids`) in each batch to find its targets.")
+            raise ConfigError("GenericLabels needs `example_id` (or `token_example_ids` with `position_ids`) in each batch to find its targets.")
         lengths = (
             batch["attention_mask"].sum(-1).cpu().tolist()
             if batch.get("attention_mask") is not None

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_tokens.core.errors import ConfigError
+
 __all__ = ["RecordFilter", "import_object", "record_texts", "select_lowest"]
 
 Record = Mapping[str, Any]
@@ -48,20 +50,20 @@ def import_object(path: str) -> Any:
         3.0
     """
     if not isinstance(path, str) or not path.strip():
-        raise ValueError(f"expected an import path such as 'my_package.module.function', got {path!r}.")
+        raise ConfigError(f"expected an import path such as 'my_package.module.function', got {path!r}.")
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise ValueError(f"{path!r} is not an import path: write 'my_package.module.function' (or 'module:function').")
+        raise ConfigError(f"{path!r} is not an import path: write 'my_package.module.function' (or 'module:function').")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"cannot import module {module_name!r} of {path!r}: {err}") from err
+        raise ConfigError(f"cannot import module {module_name!r} of {path!r}: {err}") from err
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"{path!r}: module {module_name!r} has no attribute {attr!r}.")
+            raise ConfigError(f"{path!r}: module {module_name!r} has no attribute {attr!r}.")
         obj = getattr(obj, part)
     return obj
 
@@ -81,7 +83,7 @@ def select_lowest(scores: Sequence[float] | np.ndarray, keep_fraction: float | N
     values = np.asarray(scores, dtype=np.float64).reshape(-1)
     if keep_fraction is not None:
         if not 0.0 < keep_fraction <= 1.0:
-            raise ValueError(f"keep_fraction={keep_fraction} must lie in (0, 1].")
+            raise ConfigError(f"keep_fraction={keep_fraction} must lie in (0, 1].")
         count = math.ceil(keep_fraction * len(values) - 1e-9)
         keyed = np.where(np.isnan(values), np.inf, values)
         order = np.argsort(keyed, kind="stable")
@@ -89,7 +91,7 @@ def select_lowest(scores: Sequence[float] | np.ndarray, keep_fraction: float | N
         keep[order[:count]] = True
         return keep
     if max_score is None:
-        raise ValueError("give keep_fraction or a threshold.")
+        raise ConfigError("give keep_fraction or a threshold.")
     return np.nan_to_num(values, nan=np.inf) <= max_score
 
 
@@ -124,7 +126,7 @@ class RecordFilter:
         """``(n,)`` bool: which of ``records`` to keep. ``tokenizer`` is the datamodule's."""
         scores = np.asarray(self.scores(records, tokenizer), dtype=np.float64).reshape(-1)
         if len(scores) != len(records):
-            raise ValueError(f"{self.name} gave {len(scores)} scores for {len(records)} records.")
+            raise ConfigError(f"{self.name} gave {len(scores)} scores for {len(records)} records.")
         self.last_scores = scores
         return select_lowest(scores, self.keep_fraction, self.threshold())
 
@@ -135,6 +137,6 @@ class RecordFilter:
 
 def _check_selection(owner: str, keep_fraction: float | None, threshold_name: str, threshold: float | None) -> None:
     if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
-        raise ValueError(f"{owner}(keep_fraction={keep_fraction}): keep_fraction must lie in (0, 1].")
+        raise ConfigError(f"{owner}(keep_fraction={keep_fraction}): keep_fraction must lie in (0, 1].")
     if keep_fraction is None and threshold is None:
-        raise ValueError(f"{owner}: set keep_fraction (keep the best part) or {threshold_name} (a threshold).")
+        raise ConfigError(f"{owner}: set keep_fraction (keep the best part) or {threshold_name} (a threshold).")

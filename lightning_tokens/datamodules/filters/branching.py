@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.datamodules.filters.base import Record, RecordFilter, _check_selection, record_texts
 
 __all__ = ["BRANCHING_KEYWORDS", "STEP_PATTERN", "BranchingDensityFilter", "branching_density", "split_steps"]
@@ -45,7 +46,7 @@ def split_steps(text: str, step_pattern: str = STEP_PATTERN, min_step_chars: int
 
 def _keyword_regex(keywords: Sequence[str]) -> re.Pattern[str]:
     if not keywords:
-        raise ValueError("the branching keyword list is empty.")
+        raise ConfigError("the branching keyword list is empty.")
     return re.compile(r"\b(?:" + "|".join(f"(?:{k})" for k in keywords) + r")\b", re.IGNORECASE)
 
 
@@ -125,12 +126,12 @@ class BranchingDensityFilter(RecordFilter):
     ) -> None:
         _check_selection("BranchingDensityFilter", keep_fraction, "max_density", max_density)
         if min_step_chars < 1:
-            raise ValueError(f"BranchingDensityFilter(min_step_chars={min_step_chars}): must be >= 1.")
+            raise ConfigError(f"BranchingDensityFilter(min_step_chars={min_step_chars}): must be >= 1.")
         self.keywords = list(keywords) if keywords is not None else list(BRANCHING_KEYWORDS)
         _keyword_regex(self.keywords)  # fail early on a bad regex
         re.compile(step_pattern)
         if think_tags is not None and len(think_tags) != 2:
-            raise ValueError(f"BranchingDensityFilter(think_tags={think_tags!r}): give [open, close] or null.")
+            raise ConfigError(f"BranchingDensityFilter(think_tags={think_tags!r}): give [open, close] or null.")
         self.max_density = max_density
         self.keep_fraction = keep_fraction
         self.step_pattern = step_pattern

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.datamodules.filters.base import Record, import_object, record_texts
 
 __all__ = [
@@ -51,9 +52,9 @@ class Length(Indicator):
 
     def __init__(self, of: Literal["response", "instruction"] = "response", unit: Literal["tokens", "words", "chars"] = "tokens") -> None:
         if of not in ("response", "instruction"):
-            raise ValueError(f"Length(of={of!r}): of must be 'response' or 'instruction'.")
+            raise ConfigError(f"Length(of={of!r}): of must be 'response' or 'instruction'.")
         if unit not in ("tokens", "words", "chars"):
-            raise ValueError(f"Length(unit={unit!r}): unit must be 'tokens', 'words' or 'chars'.")
+            raise ConfigError(f"Length(unit={unit!r}): unit must be 'tokens', 'words' or 'chars'.")
         self.of = of
         self.unit = unit
 
@@ -64,7 +65,7 @@ class Length(Indicator):
         if self.unit == "words":
             return np.array([len(t.split()) for t in texts], dtype=np.float64)
         if tokenizer is None:
-            raise ValueError("Length(unit='tokens') needs the tokenizer: use it through SFTDataModule, or pass one.")
+            raise ConfigError("Length(unit='tokens') needs the tokenizer: use it through SFTDataModule, or pass one.")
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return np.array([len(x) for x in ids], dtype=np.float64)
 
@@ -84,11 +85,11 @@ class RecordField(Indicator):
         values = []
         for i, record in enumerate(records):
             if self.field not in record:
-                raise ValueError(f"record {i} (id {record.get('id', i)!r}) has no field {self.field!r} for RecordField.")
+                raise ConfigError(f"record {i} (id {record.get('id', i)!r}) has no field {self.field!r} for RecordField.")
             try:
                 values.append(float(record[self.field]))
             except (TypeError, ValueError):
-                raise ValueError(f"record {i} (id {record.get('id', i)!r}): field {self.field!r} is not a number: {record[self.field]!r}.") from None
+                raise ConfigError(f"record {i} (id {record.get('id', i)!r}): field {self.field!r} is not a number: {record[self.field]!r}.") from None
         return np.array(values, dtype=np.float64)
 
 
@@ -116,7 +117,7 @@ class CallableIndicator(Indicator):
         kwargs: dict[str, Any] | None = None,
     ) -> None:
         if inputs not in ("texts", "records"):
-            raise ValueError(f"CallableIndicator(inputs={inputs!r}): inputs must be 'texts' or 'records'.")
+            raise ConfigError(f"CallableIndicator(inputs={inputs!r}): inputs must be 'texts' or 'records'.")
         self.function = function
         self.batched = batched
         self.inputs = inputs
@@ -127,7 +128,7 @@ class CallableIndicator(Indicator):
         if self._fn is None:
             fn = import_object(self.function)
             if not callable(fn):
-                raise ValueError(f"CallableIndicator: {self.function!r} is not callable.")
+                raise ConfigError(f"CallableIndicator: {self.function!r} is not callable.")
             self._fn = fn
         return self._fn
 
@@ -143,7 +144,7 @@ class CallableIndicator(Indicator):
                 values = [fn(p[0], p[1], **self.kwargs) for p in pairs]
         out = np.asarray([float(v) for v in values], dtype=np.float64)
         if len(out) != len(records):
-            raise ValueError(f"{self.function} returned {len(out)} values for {len(records)} records.")
+            raise ConfigError(f"{self.function} returned {len(out)} values for {len(records)} records.")
         return out
 
 
@@ -182,12 +183,12 @@ def knn_distances(embeddings: np.ndarray | torch.Tensor, k: int = 6, metric: Lit
     """
     x = torch.as_tensor(np.asarray(embeddings, dtype=np.float64) if not isinstance(embeddings, torch.Tensor) else embeddings).double()
     if x.dim() != 2:
-        raise ValueError(f"embeddings must be (n, d), got shape {tuple(x.shape)}.")
+        raise ConfigError(f"embeddings must be (n, d), got shape {tuple(x.shape)}.")
     n = x.shape[0]
     if not 1 <= k <= n - 1:
-        raise ValueError(f"the {k}-th nearest neighbour needs at least {k + 1} records, got {n}.")
+        raise ConfigError(f"the {k}-th nearest neighbour needs at least {k + 1} records, got {n}.")
     if metric not in ("euclidean", "cosine"):
-        raise ValueError(f"metric={metric!r} must be 'euclidean' or 'cosine'.")
+        raise ConfigError(f"metric={metric!r} must be 'euclidean' or 'cosine'.")
     if metric == "cosine":
         x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
     out = torch.empty(n, dtype=torch.float64)
@@ -225,11 +226,11 @@ class KNNDistance(Indicator):
         text: Literal["both", "response", "instruction"] = "both",
     ) -> None:
         if k < 1:
-            raise ValueError(f"KNNDistance(k={k}): k must be >= 1.")
+            raise ConfigError(f"KNNDistance(k={k}): k must be >= 1.")
         if metric not in ("euclidean", "cosine"):
-            raise ValueError(f"KNNDistance(metric={metric!r}): metric must be 'euclidean' or 'cosine'.")
+            raise ConfigError(f"KNNDistance(metric={metric!r}): metric must be 'euclidean' or 'cosine'.")
         if text not in ("both", "response", "instruction"):
-            raise ValueError(f"KNNDistance(text={text!r}): text must be 'both', 'response' or 'instruction'.")
+            raise ConfigError(f"KNNDistance(text={text!r}): text must be 'both', 'response' or 'instruction'.")
         self.embedder = embedder
         self.k = k
         self.metric = metric
@@ -278,7 +279,7 @@ class Perplexity(Indicator):
         seed: int = 0,
     ) -> None:
         if batch_size < 1 or max_length < 2:
-            raise ValueError(f"Perplexity: batch_size must be >= 1 and max_length >= 2, got {batch_size} and {max_length}.")
+            raise ConfigError(f"Perplexity: batch_size must be >= 1 and max_length >= 2, got {batch_size} and {max_length}.")
         self.model = model
         self.tokenizer = tokenizer
         self.model_config = model_config
@@ -343,7 +344,7 @@ class Perplexity(Indicator):
             means = (nll * valid).sum(1) / counts.clamp(min=1)
             for r in range(len(part)):
                 if counts[r] == 0:
-                    raise ValueError(
+                    raise ConfigError(
                         f"Perplexity: record {begin + r} has no response token to score (empty response, or "
                         f"max_length={self.max_length} cuts it off)."
                     )

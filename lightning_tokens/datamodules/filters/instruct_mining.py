@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.datamodules.filters.base import Record, RecordFilter, _check_selection
 from lightning_tokens.datamodules.filters.indicators import Indicator, Length
 
@@ -49,17 +50,17 @@ def instruct_mining_score(
     """
     if version == "custom":
         if not coefficients:
-            raise ValueError("version='custom' needs coefficients (indicator name -> coefficient).")
+            raise ConfigError("version='custom' needs coefficients (indicator name -> coefficient).")
         bias, coefs = (0.0 if intercept is None else float(intercept)), dict(coefficients)
     elif version in INSTRUCT_MINING_RULES:
         if coefficients is not None or intercept is not None:
-            raise ValueError(f"version={version!r} has its published coefficients; use version='custom' to give your own.")
+            raise ConfigError(f"version={version!r} has its published coefficients; use version='custom' to give your own.")
         bias, coefs = INSTRUCT_MINING_RULES[version]
     else:
-        raise ValueError(f"version={version!r} must be 'v1', 'v3' or 'custom'.")
+        raise ConfigError(f"version={version!r} must be 'v1', 'v3' or 'custom'.")
     missing = [name for name in coefs if name not in indicators]
     if missing:
-        raise ValueError(f"the {version} rule needs the indicators {', '.join(missing)}.")
+        raise ConfigError(f"the {version} rule needs the indicators {', '.join(missing)}.")
     score: Any = bias
     for name, coef in coefs.items():
         score = score + coef * indicators[name]
@@ -113,11 +114,11 @@ class InstructMiningFilter(RecordFilter):
     ) -> None:
         _check_selection("InstructMiningFilter", keep_fraction, "max_score", max_score)
         if version not in ("v1", "v3", "custom"):
-            raise ValueError(f"InstructMiningFilter(version={version!r}): version must be 'v1', 'v3' or 'custom'.")
+            raise ConfigError(f"InstructMiningFilter(version={version!r}): version must be 'v1', 'v3' or 'custom'.")
         if version == "custom" and not coefficients:
-            raise ValueError("InstructMiningFilter(version='custom') needs coefficients (indicator name -> coefficient).")
+            raise ConfigError("InstructMiningFilter(version='custom') needs coefficients (indicator name -> coefficient).")
         if version != "custom" and coefficients:
-            raise ValueError(f"InstructMiningFilter(version={version!r}) has its published coefficients; use version='custom'.")
+            raise ConfigError(f"InstructMiningFilter(version={version!r}) has its published coefficients; use version='custom'.")
         merged: dict[str, Indicator] = {"length": Length(), **(indicators or {})}
         for key, value in merged.items():
             if not isinstance(value, Indicator):
@@ -125,7 +126,7 @@ class InstructMiningFilter(RecordFilter):
         needed = list(coefficients) if version == "custom" else list(INSTRUCT_MINING_RULES[version][1])
         missing = [name for name in needed if name not in merged]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"InstructMiningFilter(version={version!r}) needs the indicators {', '.join(missing)}: give each as "
                 "an Indicator, e.g. reward: CallableIndicator('my_package.reward') or RecordField('reward'), "
                 "knn6: KNNDistance('my_package.embed', k=6)."

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.datamodules.nupa.dataset import NUPACollator, NUPADataset, _read_prompts
 from lightning_tokens.datamodules.nupa.tasks import (
     NUPA_TASKS,
@@ -103,22 +104,22 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
         if task_list == ["all"]:
             task_list = list(NUPA_TASKS)
         if not task_list:
-            raise ValueError("tasks must name at least one NUPA task.")
+            raise ConfigError("tasks must name at least one NUPA task.")
         for task in task_list:
             _task_spec(task)
         for name, digits in (("train_digits", train_digits), ("test_digits", test_digits), ("val_digits", val_digits)):
             if digits is None:
                 continue
             if len(digits) != 2:
-                raise ValueError(f"{name} must be (min, max), got {digits!r}.")
+                raise ConfigError(f"{name} must be (min, max), got {digits!r}.")
             _check_digits(int(digits[0]), int(digits[1]))
         for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}.")
+                raise ConfigError(f"{name} must be >= 0, got {value}.")
         if max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {max_length}.")
+            raise ConfigError(f"max_length must be >= 2, got {max_length}.")
         if max_new_tokens is not None and max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 or None, got {max_new_tokens}.")
+            raise ConfigError(f"max_new_tokens must be >= 1 or None, got {max_new_tokens}.")
         tokenizer_name = tokenizer if (tokenizer is None or isinstance(tokenizer, str)) else None
         self.save_hyperparameters({
             "tasks": task_list,
@@ -199,7 +200,7 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
             return self.tokenizer
         tokenizer = datamodule_tokenizer(self._tokenizer_arg, self.trainer, type(self).__name__)
         if tokenizer.eos_token_id is None:
-            raise ValueError("The NUPA datamodule needs a tokenizer with an eos token (it ends every answer).")
+            raise ConfigError("The NUPA datamodule needs a tokenizer with an eos token (it ends every answer).")
         self.tokenizer = tokenizer
         self._bos_prefix = bos_prefix(tokenizer)
         return tokenizer
@@ -240,7 +241,7 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
             if len(p) + len(a) > self.max_length:
                 budget = self.max_length - len(a)
                 if budget < 1:
-                    raise ValueError(
+                    raise ConfigError(
                         f"max_length={self.max_length} cannot hold the {split} answer {examples[i].answer!r} "
                         f"({len(a)} tokens with eos) plus a prompt; raise max_length."
                     )

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
+from lightning_tokens.core.errors import ConfigError
+
 __all__ = ["NUPACollator", "NUPADataset"]
 
 
@@ -46,7 +48,7 @@ class NUPADataset(Dataset):
         for name in ("prompt_ids", "answers", "answer_ids", "domains", "tasks"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
-                raise ValueError(f"{name} has {len(value)} entries for {n} prompts.")
+                raise ConfigError(f"{name} has {len(value)} entries for {n} prompts.")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -102,7 +104,7 @@ class NUPACollator:
             for item in items:
                 prompt, answer = item["prompt_ids"], item["answer_ids"]
                 if answer is None:
-                    raise ValueError("Training/evaluation batches need answers.")
+                    raise ConfigError("Training/evaluation batches need answers.")
                 sequences.append(list(prompt) + list(answer))
                 labels.append([-100] * len(prompt) + list(answer))
             batch["input_ids"] = _pad(sequences, self.pad_token_id, "right")
@@ -141,8 +143,8 @@ def _read_prompts(path: str) -> list[str]:
             elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
                 prompts.append(record["prompt"])
             else:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'prompt' field.")
+                raise ConfigError(f"{path}:{lineno}: expected a JSON object with a string 'prompt' field.")
     if not prompts:
-        raise ValueError(f"predict_file {path!r} holds no prompts.")
+        raise ConfigError(f"predict_file {path!r} holds no prompts.")
     return prompts
 

@@ -69,6 +69,8 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from lightning_tokens.core.errors import ConfigError
+
 __all__ = [
     "NUPA_TASKS",
     "NUPAExample",
@@ -345,13 +347,13 @@ NUPA_TASKS: dict[str, _TaskSpec] = {
 
 def _task_spec(task: str) -> _TaskSpec:
     if task not in NUPA_TASKS:
-        raise ValueError(f"Unknown NUPA task {task!r}; valid tasks are {', '.join(NUPA_TASKS)} (or 'all').")
+        raise ConfigError(f"Unknown NUPA task {task!r}; valid tasks are {', '.join(NUPA_TASKS)} (or 'all').")
     return NUPA_TASKS[task]
 
 
 def _check_digits(min_digits: int, max_digits: int) -> None:
     if not (1 <= min_digits <= max_digits):
-        raise ValueError(f"Need 1 <= min_digits <= max_digits, got min_digits={min_digits}, max_digits={max_digits}.")
+        raise ConfigError(f"Need 1 <= min_digits <= max_digits, got min_digits={min_digits}, max_digits={max_digits}.")
 
 
 def _format_prompt(spec: _TaskSpec, operands: tuple[str, ...], type_hint: bool) -> str:
@@ -397,7 +399,7 @@ def generate_nupa_examples(
         ['2.03e3', '9.11e3', '7.219e3']
     """
     if num_examples < 0:
-        raise ValueError(f"num_examples must be >= 0, got {num_examples}.")
+        raise ConfigError(f"num_examples must be >= 0, got {num_examples}.")
     stream = iter_nupa_examples(task, min_digits, max_digits, random.Random(seed), type_hint=type_hint)
     return [next(stream) for _ in range(num_examples)]
 

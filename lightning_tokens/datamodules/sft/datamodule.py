@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.datamodules.filters import RecordFilter
 from lightning_tokens.datamodules.sampling import ResumableDataMixin
 from lightning_tokens.datamodules.sft.chat import _ChatTemplate
@@ -148,21 +149,21 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
         super().__init__()
         for name, value, allowed in (("format", format, _FORMATS), ("schema", schema, _SCHEMAS), ("truncation", truncation, _POLICIES)):
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}.")
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}.")
         if max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {max_length}.")
+            raise ConfigError(f"max_length must be >= 2, got {max_length}.")
         if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}.")
+            raise ConfigError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}.")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         if val_file is not None and val_fraction > 0:
-            raise ValueError("Give either val_file or val_fraction (a hold-out of train_file), not both.")
+            raise ConfigError("Give either val_file or val_fraction (a hold-out of train_file), not both.")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
         if fait_char_diff not in ("levenshtein", "difflib"):
-            raise ValueError(f"fait_char_diff must be one of levenshtein, difflib; got {fait_char_diff!r}.")
+            raise ConfigError(f"fait_char_diff must be one of levenshtein, difflib; got {fait_char_diff!r}.")
         if fait_insertions not in ("adjacent", "ignore"):
-            raise ValueError(f"fait_insertions must be one of adjacent, ignore; got {fait_insertions!r}.")
+            raise ConfigError(f"fait_insertions must be one of adjacent, ignore; got {fait_insertions!r}.")
         for f in filters or []:
             if not isinstance(f, RecordFilter):
                 raise TypeError(f"filters must be RecordFilter objects (lightning_tokens.datamodules.filters), got {type(f).__name__}.")
@@ -214,7 +215,7 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
             return self.tokenizer
         tokenizer = datamodule_tokenizer(self._tokenizer_arg, self.trainer, type(self).__name__)
         if self.add_eos and tokenizer.eos_token_id is None:
-            raise ValueError("add_eos=True needs a tokenizer with an eos token; set add_eos: false or use another tokenizer.")
+            raise ConfigError("add_eos=True needs a tokenizer with an eos token; set add_eos: false or use another tokenizer.")
         self.tokenizer = tokenizer
         self._bos_prefix = bos_prefix(tokenizer)
         return tokenizer
@@ -241,7 +242,7 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
             return {"train": train}
         count = max(1, round(len(train) * self.val_fraction))
         if count >= len(train):
-            raise ValueError(f"val_fraction={self.val_fraction} leaves no training example out of {len(train)}.")
+            raise ConfigError(f"val_fraction={self.val_fraction} leaves no training example out of {len(train)}.")
         order = list(range(len(train)))
         random.Random(self.seed).shuffle(order)
         held = set(order[:count])
@@ -255,7 +256,7 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
 
     def _build_predict_dataset(self) -> _PromptDataset:
         if self.predict_file is None:
-            raise ValueError("trainer.predict needs predict_file (JSONL prompts or chats) on the SFTDataModule.")
+            raise ConfigError("trainer.predict needs predict_file (JSONL prompts or chats) on the SFTDataModule.")
         tokenizer = self._resolve_tokenizer()
         return _build_prompt_dataset(
             self.predict_file,
@@ -277,7 +278,7 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
                 self._prepare_file_split("test")
         elif stage == "validate":
             if self.val_file is None and self.val_fraction == 0:
-                raise ValueError("trainer.validate needs val_file or val_fraction > 0 on the SFTDataModule.")
+                raise ConfigError("trainer.validate needs val_file or val_fraction > 0 on the SFTDataModule.")
             self._prepare_train_val(train=False)
         elif stage == "test":
             self._prepare_file_split("test")
@@ -305,12 +306,12 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
             before = len(parsed)
             keep = record_filter.keep([p.data for p in parsed], self.tokenizer)
             if len(keep) != before:
-                raise ValueError(f"{record_filter!r} returned {len(keep)} keep flags for {before} records.")
+                raise ConfigError(f"{record_filter!r} returned {len(keep)} keep flags for {before} records.")
             parsed = [p for p, k in zip(parsed, keep) if k]
             self.filter_report.append({"filter": type(record_filter).__name__, "before": before, "kept": len(parsed)})
             rank_zero_info(f"SFT train: {type(record_filter).__name__} kept {len(parsed)}/{before} records.")
             if not parsed:
-                raise ValueError(f"SFT train: {record_filter!r} kept no record of {before}; loosen its threshold or fraction.")
+                raise ConfigError(f"SFT train: {record_filter!r} kept no record of {before}; loosen its threshold or fraction.")
         return parsed
 
     def _prepare_file_split(self, split: Literal["val", "test"]) -> None:
@@ -318,7 +319,7 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
             return
         path = self.val_file if split == "val" else self.test_file
         if path is None:
-            raise ValueError(f"trainer.{'test' if split == 'test' else 'validate'} needs {split}_file on the SFTDataModule.")
+            raise ConfigError(f"trainer.{'test' if split == 'test' else 'validate'} needs {split}_file on the SFTDataModule.")
         parsed = self._parse_file(path)
         self._register_ids(parsed)
         self._datasets[split] = self._build_examples(parsed, split)

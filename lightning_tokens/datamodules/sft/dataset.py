@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from lightning_tokens.core.errors import ConfigError
+
 __all__ = ["SFTDataset"]
 
 
@@ -32,13 +34,13 @@ class SFTDataset(Dataset):
         self.token_fields = {name: list(values) for name, values in (token_fields or {}).items()}
         n = len(self.input_ids)
         if not (len(self.labels) == len(self.token_weights) == len(self.example_ids) == n):
-            raise ValueError("input_ids, labels, token_weights and example_ids must have one entry per example.")
+            raise ConfigError("input_ids, labels, token_weights and example_ids must have one entry per example.")
         reserved = {"input_ids", "labels", "token_weights", "example_id", "examples"}
         for name, values in self.token_fields.items():
             if name in reserved:
-                raise ValueError(f"token field {name!r} clashes with a standard batch key.")
+                raise ConfigError(f"token field {name!r} clashes with a standard batch key.")
             if len(values) != n or any(len(v) != len(ids) for v, ids in zip(values, self.input_ids)):
-                raise ValueError(f"token field {name!r} must have one array per example, as long as its input_ids.")
+                raise ConfigError(f"token field {name!r} must have one array per example, as long as its input_ids.")
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.datamodules.sft.dataset import SFTDataset
 
 __all__ = ["PackedSFTDataset", "pack_examples", "packed_attention_mask"]
@@ -34,7 +35,7 @@ def pack_examples(lengths: Sequence[int], capacity: int, seed: int | None = 0) -
     for index in order:
         size = int(lengths[index])
         if size > capacity:
-            raise ValueError(f"example {index} has {size} tokens, more than the row capacity {capacity}.")
+            raise ConfigError(f"example {index} has {size} tokens, more than the row capacity {capacity}.")
         slot = bisect_left(free, (size, -1))
         if slot < len(free):
             room, row = free.pop(slot)

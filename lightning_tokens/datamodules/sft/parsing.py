@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.datamodules.sft.chat import _ChatTemplate
 from lightning_tokens.datamodules.sft.fields import _number, _string, _token_weight_list, _weight_spans
 from lightning_tokens.datamodules.sft.records import FileFormat, _error, _read_records, _Record, stable_example_id
@@ -62,7 +63,7 @@ class _RecordParser:
         """The examples of the file ``path``, in file order; ids must be unique within it."""
         records = _read_records(path, self.format)
         if not records:
-            raise ValueError(f"SFT data file {path!r} holds no records.")
+            raise ConfigError(f"SFT data file {path!r} holds no records.")
         parsed = [self.parse(r) for r in records]
         seen: dict[str | int | float, str] = {}
         for p in parsed:

@@ -12,9 +12,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.datamodules.sft.chat import _ChatTemplate, _plain_messages
 from lightning_tokens.datamodules.sft.fields import _string
-from lightning_tokens.datamodules.sft.records import FileFormat, _error, _EXTENSIONS, _read_records
+from lightning_tokens.datamodules.sft.records import _EXTENSIONS, FileFormat, _error, _read_records
 
 
 class _PromptDataset(Dataset):
@@ -62,7 +63,7 @@ def _build_prompt_dataset(
                 prompts.append(_string(data, "prompt", record.location))
                 templated.append(False)
     if not prompts:
-        raise ValueError(f"predict_file {path!r} holds no prompts.")
+        raise ConfigError(f"predict_file {path!r} holds no prompts.")
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     budget = max(1, max_length - max_new_tokens)
     prompt_ids, cut = [], 0

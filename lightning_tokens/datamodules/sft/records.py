@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lightning_tokens.core.errors import ConfigError, DataError
+
 __all__ = ["SFTDataError", "stable_example_id"]
 
 FileFormat = Literal["auto", "jsonl", "json", "csv"]
@@ -21,7 +23,7 @@ _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "
 _LIST_FIELDS = ("messages", "token_weights", "weight_spans")  # JSON text inside CSV cells
 
 
-class SFTDataError(ValueError):
+class SFTDataError(DataError):
     """A problem in an SFT data file; the message names the file, the line (or index) and the field."""
 
 
@@ -61,7 +63,7 @@ def _infer_format(path: str, fmt: str) -> str:
         return fmt
     ext = os.path.splitext(path)[1].lower()
     if ext not in _EXTENSIONS:
-        raise ValueError(f"Cannot tell the format of {path!r} from its extension; set format: jsonl, json or csv.")
+        raise ConfigError(f"Cannot tell the format of {path!r} from its extension; set format: jsonl, json or csv.")
     return _EXTENSIONS[ext]
 
 

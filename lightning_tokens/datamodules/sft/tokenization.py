@@ -10,6 +10,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import PreTrainedTokenizerBase
 
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.datamodules.sft.dataset import SFTDataset
 from lightning_tokens.datamodules.sft.parsing import _Parsed, _Segment
 from lightning_tokens.datamodules.sft.records import _error
@@ -41,7 +42,7 @@ class _ExampleBuilder:
         assert tokenizer is not None
         need_offsets = any(s.needs_offsets for s in segments)
         if need_offsets and not getattr(tokenizer, "is_fast", False):
-            raise ValueError(
+            raise ConfigError(
                 "Chat messages and weight_spans map characters to tokens through offsets, which needs a fast "
                 "(Rust) tokenizer; this one is not."
             )
@@ -161,7 +162,7 @@ class _ExampleBuilder:
                 f"SFT {split}: {unlabelled}/{total} examples have no labelled token left (after truncation) and were dropped."
             )
         if not inputs:
-            raise ValueError(f"SFT {split}: no example is left ({total} read); check max_length and truncation.")
+            raise ConfigError(f"SFT {split}: no example is left ({total} read); check max_length and truncation.")
         return SFTDataset(inputs, labels_out, weights_out, ids_out, fields_out or None)
 
     def _kept_slice(self, ids: np.ndarray, has_bos: bool) -> np.ndarray:
