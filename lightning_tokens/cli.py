@@ -11,6 +11,12 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -26,6 +32,7 @@ import lightning_tokens.modules  # noqa: F401
 from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
 from lightning_tokens.callbacks.safety_shaping import ChunkPrefix, precompute_star_scores
 from lightning_tokens.callbacks.unlearning import GenericTargets, build_generic_labels
+from lightning_tokens.core.errors import LightningTokensError
 from lightning_tokens.core.reference_scores import score_reference
 from lightning_tokens.models.guardrails import Guardrail
 
@@ -41,16 +48,21 @@ def attach_to_trainer(trainer: pl.Trainer, model: pl.LightningModule, datamodule
 
 
 def trainer_score(
-    trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule, output: str, ckpt_path: str | None = None
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    output: str,
+    ckpt_path: str | None = None,
+    trust_checkpoint: bool = False,
 ) -> dict[int, Tensor]:
     """``Trainer.score``: connect the model (datamodules may read its tokenizer), load a checkpoint's
-    weights if given, and score on the trainer's root device."""
+    weights if given (safely unless ``trust_checkpoint``), and score on the trainer's root device."""
     attach_to_trainer(trainer, model, datamodule)
     if ckpt_path:
         from lightning_tokens.modules.checkpoints import consolidated_state_dict, model_weights
 
         model.configure_model()
-        state: dict[str, Any] = consolidated_state_dict(ckpt_path)
+        state: dict[str, Any] = consolidated_state_dict(ckpt_path, trust_checkpoint)
         model.load_state_dict(model_weights(state["state_dict"]))
     return score_reference(model, datamodule, output, device=trainer.strategy.root_device)
 
@@ -103,9 +115,103 @@ def trainer_generic_labels(
         device=trainer.strategy.root_device,
     )
 
+
+@contextmanager
+def _checked_checkpoint(ckpt_path: Any, trust: bool) -> Iterator[None]:
+    """Around Lightning's own loading of ``ckpt_path``: a sharded folder's metadata is checked first, and
+    torch's refusal of a single file under ``weights_only`` becomes the library's one-line error."""
+    from lightning_tokens.modules.checkpoints import check_checkpoint_source, untrusted_checkpoint_error
+
+    check_checkpoint_source(ckpt_path, trust)
+    try:
+        yield
+    except pickle.UnpicklingError as error:
+        raise untrusted_checkpoint_error(ckpt_path, error) from None
+
+
+def _weights_only(weights_only: bool | None, trust: bool) -> bool | None:
+    return False if trust else weights_only
+
+
 class TokensTrainer(pl.Trainer):
     """Lightning's Trainer plus the offline steps as subcommands: ``score`` (per-token reference losses),
-    ``star_score`` (STAR-DSS guardrail values), ``generic_labels`` (WHP unlearning targets) and ``export``."""
+    ``star_score`` (STAR-DSS guardrail values), ``generic_labels`` (WHP unlearning targets) and ``export``.
+
+    Every subcommand that reads a checkpoint loads it safely (tensors, containers and allowlisted library
+    types only; :mod:`lightning_tokens.modules.checkpoints`) unless ``trust_checkpoint`` is set.
+    """
+
+    @override
+    def fit(
+        self,
+        model: pl.LightningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | Path | None = None,
+        weights_only: bool | None = None,
+        trust_checkpoint: bool = False,
+    ) -> None:
+        """Lightning's ``fit``, with safe checkpoint loading.
+
+        Args:
+            model: the module to train.
+            train_dataloaders: training data (or use ``datamodule``).
+            val_dataloaders: validation data.
+            datamodule: the datamodule.
+            ckpt_path: a checkpoint file or sharded folder to resume from (or ``last``, ``best``, ...).
+            weights_only: Lightning's own switch for ``torch.load`` (``None``: torch's safe default).
+            trust_checkpoint: load ``ckpt_path`` as it is, without the safe-loading allowlist (a file you trust).
+        """
+        with _checked_checkpoint(ckpt_path, trust_checkpoint):
+            super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, _weights_only(weights_only, trust_checkpoint))
+
+    @override
+    def validate(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | Path | None = None,
+        verbose: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
+        weights_only: bool | None = None,
+        trust_checkpoint: bool = False,
+    ) -> list[Mapping[str, float]]:
+        """Lightning's ``validate``; ``trust_checkpoint`` as in :meth:`fit`."""
+        with _checked_checkpoint(ckpt_path, trust_checkpoint):
+            return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, _weights_only(weights_only, trust_checkpoint))
+
+    @override
+    def test(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | Path | None = None,
+        verbose: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
+        weights_only: bool | None = None,
+        trust_checkpoint: bool = False,
+    ) -> list[Mapping[str, float]]:
+        """Lightning's ``test``; ``trust_checkpoint`` as in :meth:`fit`."""
+        with _checked_checkpoint(ckpt_path, trust_checkpoint):
+            return super().test(model, dataloaders, ckpt_path, verbose, datamodule, _weights_only(weights_only, trust_checkpoint))
+
+    @override
+    def predict(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        datamodule: pl.LightningDataModule | None = None,
+        return_predictions: bool | None = None,
+        ckpt_path: str | Path | None = None,
+        weights_only: bool | None = None,
+        trust_checkpoint: bool = False,
+    ) -> Any:
+        """Lightning's ``predict``; ``trust_checkpoint`` as in :meth:`fit`."""
+        with _checked_checkpoint(ckpt_path, trust_checkpoint):
+            return super().predict(
+                model, dataloaders, datamodule, return_predictions, ckpt_path, _weights_only(weights_only, trust_checkpoint)
+            )
 
     def score(
         self,
@@ -113,6 +219,7 @@ class TokensTrainer(pl.Trainer):
         datamodule: pl.LightningDataModule,
         output: str = "reference_scores.safetensors",
         ckpt_path: str | None = None,
+        trust_checkpoint: bool = False,
     ) -> None:
         """Score the datamodule's training examples with ``model`` and write per-token losses to ``output``.
 
@@ -121,8 +228,9 @@ class TokensTrainer(pl.Trainer):
             datamodule: the training data, exactly as training will see it (same tokenizer and ids).
             output: the safetensors file to write; give it to ``reference.scores_file`` (mode ``offline``).
             ckpt_path: optional checkpoint whose weights the reference takes.
+            trust_checkpoint: load ``ckpt_path`` without the safe-loading allowlist (a file you trust).
         """
-        trainer_score(self, model, datamodule, output, ckpt_path)
+        trainer_score(self, model, datamodule, output, ckpt_path, trust_checkpoint)
 
     def star_score(
         self,
@@ -184,6 +292,7 @@ class TokensTrainer(pl.Trainer):
         output: str = "export",
         format: Literal["hf", "state_dict"] = "hf",
         datamodule: pl.LightningDataModule | None = None,
+        trust_checkpoint: bool = False,
     ) -> None:
         """Consolidate a training checkpoint (a ``.ckpt`` file or the folder a sharded FSDP run saves)
         into one artefact, on one process.
@@ -195,10 +304,11 @@ class TokensTrainer(pl.Trainer):
                 model) with the tokenizer; ``state_dict``: one ``torch.save`` file.
             format: ``hf`` or ``state_dict``.
             datamodule: unused (lets ``export`` read the training config as is).
+            trust_checkpoint: load ``ckpt_path`` without the safe-loading allowlist (a file you trust).
         """
         from lightning_tokens.modules.checkpoints import export_checkpoint
 
-        export_checkpoint(model, ckpt_path, output, format)
+        export_checkpoint(model, ckpt_path, output, format, trust_checkpoint)
         rank_zero_info(f"exported {ckpt_path} ({format}) to {output}")
 
 
@@ -215,6 +325,21 @@ class TokensCLI(LightningCLI):
             "generic_labels": {"model", "datamodule"},
             "export": {"model", "datamodule"},
         }
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the hyper-parameters of ``--ckpt_path`` (a file) before the subcommand, with
+        ``weights_only=True``: its refusal becomes the library's error, and ``--trust_checkpoint true`` goes
+        on without them (the config is used as given; the subcommand then loads the file as trusted)."""
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as error:
+            from lightning_tokens.modules.checkpoints import untrusted_checkpoint_error
+
+            options = self.config.get(self.config.get("subcommand") or "", {}) or {}
+            if not options.get("trust_checkpoint"):
+                raise untrusted_checkpoint_error(options.get("ckpt_path"), error) from None
+            rank_zero_info("--trust_checkpoint: the checkpoint's hyper-parameters are not merged into the config.")
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -236,9 +361,41 @@ def cli(args: list[str] | None = None, run: bool = True) -> TokensCLI:
     )
 
 
-def main() -> None:
-    """Console-script entry point (its return value would become the exit status)."""
-    cli()
+#: Set to 1 (or pass ``--debug``) to see the traceback of the library's own user errors.
+DEBUG_ENV = "LIGHTNING_TOKENS_DEBUG"
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console-script entry point. The library's own user errors
+    (:class:`~lightning_tokens.core.errors.LightningTokensError`: a bad option, an unreadable data line, a
+    missing reference, an untrusted checkpoint) print one line that names the problem and the fix, and
+    exit with status 2; ``--debug`` anywhere on the command line, or ``LIGHTNING_TOKENS_DEBUG=1``, shows
+    their traceback. Any other exception is unexpected and keeps its traceback.
+    """
+    given = sys.argv[1:] if args is None else list(args)
+    debug = "--debug" in given or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    remaining = [arg for arg in given if arg != "--debug"]
+    if args is None:
+        sys.argv[1:] = remaining  # LightningCLI reads sys.argv itself (and warns when given both)
+    try:
+        cli(None if args is None else remaining)
+    except Exception as error:
+        user_error = _user_error(error)
+        if user_error is None or debug:
+            raise
+        print(f"lightning-tokens: error: {user_error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _user_error(error: BaseException) -> LightningTokensError | None:
+    """The library's user error behind ``error``: itself, or what a wrapper (jsonargparse re-raises errors
+    of ``__init__`` as its own) was caused by."""
+    seen = 0
+    while error is not None and seen < 16:
+        if isinstance(error, LightningTokensError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
 
 
 if __name__ == "__main__":

@@ -86,3 +86,87 @@ def test_score_then_train_rho1_on_the_offline_reference(tmp_path):
     ])
     metrics = run.trainer.callback_metrics
     assert 0.4 < float(metrics["train/ExcessLossSelection/kept_fraction"]) <= 0.6
+
+
+# ---- user errors: one line, exit status 2; tracebacks for --debug and for the unexpected ---------------
+def _bad_dtype(tmp_path):
+    return ["fit", "--config", _quickstart_in(tmp_path), *_fast(tmp_path), "--model.init_args.dtype=nonsense"]
+
+
+def test_a_user_error_prints_one_line_and_exits_2(tmp_path, capsys):
+    from lightning_tokens.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(_bad_dtype(tmp_path))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "lightning-tokens: error: dtype='nonsense' is not a torch dtype; use e.g. bfloat16, float16 or float32."
+    assert not any("Traceback" in line for line in err)
+
+
+def test_debug_and_the_environment_variable_show_the_traceback(tmp_path, monkeypatch):
+    from lightning_tokens.cli import DEBUG_ENV, main
+    from lightning_tokens.core.errors import ConfigError
+
+    with pytest.raises(BaseException) as raised:  # jsonargparse wraps the error raised in __init__
+        main([*_bad_dtype(tmp_path), "--debug"])
+    assert not isinstance(raised.value, SystemExit)
+    assert "dtype='nonsense'" in repr(raised.value) or isinstance(raised.value.__cause__, ConfigError)
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(BaseException) as raised:
+        main(_bad_dtype(tmp_path))
+    assert not isinstance(raised.value, SystemExit)
+
+
+def test_an_unexpected_exception_keeps_its_traceback(tmp_path, monkeypatch):
+    from lightning_tokens.cli import TokensTrainer, main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(TokensTrainer, "fit", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["fit", "--config", _quickstart_in(tmp_path), *_fast(tmp_path)])
+
+
+def test_a_malformed_data_line_from_the_command_line(tmp_path):
+    """As a user runs it: a fresh process, a data file with a bad line -> one line naming file, line and
+    field, status 2, no traceback."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2=", "response": 4}\n')
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        f"trainer: {{max_steps: 1, logger: false, enable_progress_bar: false, default_root_dir: {tmp_path}}}\n"
+        "model: {class_path: lightning_tokens.TokenLM, init_args: {model: tiny-llama, tokenizer: char, "
+        "model_config: {num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64}}}\n"
+        f"data: {{class_path: lightning_tokens.SFTDataModule, init_args: {{train_file: {data}}}}}\n"
+    )
+    run = subprocess.run([sys.executable, "-m", "lightning_tokens.cli", "fit", "--config", str(config)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("lightning-tokens: error: ") and "bad.jsonl, line 2, field 'response'" in last
+    assert "Traceback" not in run.stderr
+
+
+def test_an_untrusted_checkpoint_is_refused_by_every_subcommand_until_trusted(tmp_path, capsys):
+    from lightning_tokens.cli import main
+    from tests.modules.test_checkpoints import _malicious_checkpoint
+
+    path, marker = _malicious_checkpoint(tmp_path)
+    config = _quickstart_in(tmp_path)
+    for command in (["export", "--output", str(tmp_path / "out")], ["fit", *_fast(tmp_path)], ["validate"]):
+        with pytest.raises(SystemExit) as exited:
+            main([command[0], "--config", config, "--ckpt_path", str(path), *command[1:]])
+        assert exited.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "leave_a_mark" in last and "--trust_checkpoint true" in last, last
+    assert not marker.exists()
+    # trusted: the file is loaded as it is (its payload runs), and export then checks it against the model
+    with pytest.raises(SystemExit):
+        main(["export", "--config", config, "--ckpt_path", str(path), "--output", str(tmp_path / "out"), "--trust_checkpoint", "true"])
+    assert marker.exists()
+    assert "does not match the configured model" in capsys.readouterr().err

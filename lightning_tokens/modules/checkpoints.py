@@ -10,18 +10,29 @@ Export. :func:`consolidated_state_dict` reads either a single-file checkpoint or
 one full state dict without any process group; :func:`export_checkpoint` (the ``export`` subcommand)
 writes it as a Hugging Face folder (the LoRA adapter in peft's format when LoRA is on, the full model
 otherwise) or as one ``torch.save`` file.
+
+Safe loading. A checkpoint is a pickle, and unpickling can run code. Everything here reads checkpoints
+with ``torch.load(weights_only=True)``, which rebuilds only tensors, containers, primitives and the
+library types registered with :func:`torch.serialization.add_safe_globals` (the settings dataclasses that
+hyper-parameters hold); a sharded folder's ``.metadata`` pickle (which ``torch.distributed.checkpoint``
+unpickles without restriction) is first checked against an allowlist of its metadata classes
+(:func:`check_sharded_metadata`). Anything else stops with :class:`~lightning_tokens.core.errors.UntrustedCheckpointError`
+naming the type; ``trust=True`` (the CLI's ``--trust_checkpoint``) loads files the user trusts as they are.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from lightning_tokens.core.errors import ConfigError
+from lightning_tokens.core.errors import ConfigError, DataError, MissingFileError, UntrustedCheckpointError
 
 if TYPE_CHECKING:
     from lightning_tokens.core.reference import ReferenceProvider
@@ -29,10 +40,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HISTORY_PREFIX",
+    "TRUST_FLAG",
+    "check_checkpoint_source",
+    "check_sharded_metadata",
     "consolidated_state_dict",
     "export_checkpoint",
     "is_sharded_checkpoint",
+    "load_checkpoint_file",
     "load_provider_state",
+    "untrusted_checkpoint_error",
     "provider_state_for_checkpoint",
 ]
 
@@ -44,6 +60,89 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     """A folder written by ``torch.distributed.checkpoint`` through a Lightning strategy."""
     path = Path(path)
     return path.is_dir() and (path / "meta.pt").is_file()
+
+
+#: How a user opts in to loading a checkpoint as it is (the CLI flag the safety errors name).
+TRUST_FLAG = "--trust_checkpoint true"
+
+# What a torch.distributed.checkpoint `.metadata` pickle may name: its metadata dataclasses, sizes,
+# dtypes and paths. Nothing that runs code when called with attacker-chosen arguments.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+def _refuse(path: Any, what: str, detail: str) -> UntrustedCheckpointError:
+    return UntrustedCheckpointError(
+        f"{path}: the {what} holds {detail}, which safe loading does not rebuild (unpickling it could run "
+        f"code). If you trust this file, pass {TRUST_FLAG} (trust=True in Python)."
+    )
+
+
+def load_checkpoint_file(path: str | os.PathLike, trust: bool = False, what: str = "checkpoint") -> Any:
+    """``torch.load`` onto the CPU, safely: only tensors, containers, primitives and allowlisted library
+    types are rebuilt unless ``trust``.
+
+    Raises:
+        UntrustedCheckpointError: the file names anything else (the message names it and the opt-in).
+    """
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise untrusted_checkpoint_error(path, error, what) from None
+
+
+def untrusted_checkpoint_error(path: Any, error: pickle.UnpicklingError, what: str = "checkpoint") -> UntrustedCheckpointError:
+    """The library's error for torch's refusal of a ``weights_only`` load, naming the refused type."""
+    found = re.search(r"GLOBAL\s+([\w.]+)", str(error))
+    return _refuse(path, what, f"the Python object {found.group(1)!r}" if found else "a Python object")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def check_sharded_metadata(path: str | os.PathLike, trust: bool = False) -> None:
+    """Check a sharded checkpoint folder before ``torch.distributed.checkpoint`` unpickles its ``.metadata``
+    without restriction: every global it names must be one of its metadata classes, sizes, dtypes or paths."""
+    if trust:
+        return
+    metadata = Path(path) / ".metadata"
+    if not metadata.is_file():
+        return  # dcp itself reports the missing file
+    try:
+        _MetadataUnpickler(io.BytesIO(metadata.read_bytes())).load()
+    except pickle.UnpicklingError as error:
+        raise _refuse(metadata, "sharded checkpoint's metadata", f"the Python object {str(error)!r}") from None
+    except Exception as error:  # noqa: BLE001 - a damaged file is a data problem, not a crash
+        raise DataError(f"{metadata}: not a readable sharded-checkpoint metadata file ({error}).") from None
+
+
+def check_checkpoint_source(path: str | os.PathLike | None, trust: bool = False) -> None:
+    """What the CLI checks before Lightning loads ``ckpt_path``: a sharded folder's metadata (a single file
+    is loaded with ``weights_only=True`` by Lightning itself). Names such as ``last`` pass through."""
+    if path is not None and not trust and is_sharded_checkpoint(path):
+        check_sharded_metadata(path)
 
 
 def _saves_sharded(trainer: Any) -> bool:
@@ -95,11 +194,12 @@ def load_provider_state(provider: ReferenceProvider, module: TokenLM, state: dic
         provider.average[name] = wanted[HISTORY_PREFIX + name]
 
 
-def consolidated_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+def consolidated_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
     """One full checkpoint dict (``state_dict`` + the rest) from a ``.ckpt`` file or a sharded folder.
 
     Needs no process group: sharded folders are read with ``torch.distributed.checkpoint``'s offline
     conversion. Optimizer states of sharded folders are left out (they are keyed for the sharded run).
+    Loading is safe unless ``trust`` (see the module docstring).
 
     Example::
 
@@ -108,18 +208,19 @@ def consolidated_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.")
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist.")
     if not path.is_dir():
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_checkpoint_file(path, trust)
     if not is_sharded_checkpoint(path):
         raise ConfigError(f"{str(path)!r} is a folder but not a sharded checkpoint (no meta.pt): give a .ckpt file or a sharded folder.")
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    check_sharded_metadata(path, trust)
+    checkpoint = load_checkpoint_file(path / "meta.pt", trust)
     with tempfile.TemporaryDirectory() as tmp:
         full = os.path.join(tmp, "full.pt")
         dcp_to_torch_save(path, full)
-        shards = torch.load(full, map_location="cpu", weights_only=False)
-    checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        shards = load_checkpoint_file(full, trust)
     checkpoint["state_dict"] = shards["state_dict"]
     return checkpoint
 
@@ -129,7 +230,9 @@ def model_weights(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in state_dict.items() if not name.startswith(HISTORY_PREFIX)}
 
 
-def export_checkpoint(module: TokenLM, ckpt_path: str, output: str, format: ExportFormat = "hf") -> str:
+def export_checkpoint(
+    module: TokenLM, ckpt_path: str, output: str, format: ExportFormat = "hf", trust: bool = False
+) -> str:
     """Write a training checkpoint (single file or sharded folder) as one consolidated artefact.
 
     Args:
@@ -139,6 +242,7 @@ def export_checkpoint(module: TokenLM, ckpt_path: str, output: str, format: Expo
             with the tokenizer; ``state_dict``: a ``torch.save`` file ``{"state_dict": ...}`` loadable
             into ``TokenLM`` on any strategy.
         format: ``hf`` or ``state_dict``.
+        trust: load the checkpoint as it is, without the safe-loading allowlist (a file you trust).
 
     Returns:
         ``output``.
@@ -149,7 +253,7 @@ def export_checkpoint(module: TokenLM, ckpt_path: str, output: str, format: Expo
     """
     if format not in ("hf", "state_dict"):
         raise ConfigError(f"export format={format!r}: choose 'hf' (save_pretrained folder) or 'state_dict' (one file).")
-    checkpoint = consolidated_state_dict(ckpt_path)
+    checkpoint = consolidated_state_dict(ckpt_path, trust)
     weights = model_weights(checkpoint["state_dict"])
     if format == "state_dict":
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
