@@ -30,6 +30,7 @@ import lightning_tokens.callbacks  # noqa: F401
 import lightning_tokens.datamodules  # noqa: F401
 import lightning_tokens.modules  # noqa: F401
 from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
+from lightning_tokens.callbacks.resumable_checkpoint import ResumableCheckpoint
 from lightning_tokens.callbacks.safety_shaping import ChunkPrefix, precompute_star_scores
 from lightning_tokens.callbacks.unlearning import GenericTargets, build_generic_labels
 from lightning_tokens.core.errors import LightningTokensError
@@ -313,7 +314,10 @@ class TokensTrainer(pl.Trainer):
 
 
 class TokensCLI(LightningCLI):
-    """LightningCLI with a ``score`` subcommand and the prediction writer as ``--predictions.output``."""
+    """LightningCLI with the offline subcommands (``score``, ``star_score``, ``generic_labels``, ``export``),
+    the prediction writer as ``--predictions.output`` and the checkpointing as the ``checkpoint`` section
+    (:class:`~lightning_tokens.callbacks.ResumableCheckpoint`: ``--checkpoint.every_n_train_steps 200``
+    saves a resumable ``last.ckpt`` every 200 optimizer steps and on SIGTERM / Ctrl+C)."""
 
     @staticmethod
     @override
@@ -344,6 +348,17 @@ class TokensCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(JSONLPredictionWriter, "predictions")
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """Lightning's, except that ``--trainer.enable_checkpointing false`` leaves the ``checkpoint``
+        section's callback out (Lightning refuses a checkpoint callback with it)."""
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        keys = self._parser(self.subcommand).callback_keys
+        if config.get("enable_checkpointing") is False:
+            keys = [key for key in keys if key != "checkpoint"]
+        return self._instantiate_trainer(config, [self._get(self.config_init, key) for key in keys])
 
 
 def cli(args: list[str] | None = None, run: bool = True) -> TokensCLI:

@@ -10,6 +10,7 @@ from lightning_tokens.callbacks.dft import DFT
 from lightning_tokens.callbacks.fait import FAIT
 from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
 from lightning_tokens.callbacks.qtuning import QTuning
+from lightning_tokens.callbacks.resumable_checkpoint import ResumableCheckpoint
 from lightning_tokens.callbacks.rho1 import ExcessLossSelection
 from lightning_tokens.callbacks.safety_shaping import SafetyShaping
 from lightning_tokens.callbacks.sstoken import SSToken
@@ -22,6 +23,7 @@ __all__ = [
     "GenericLabels",
     "JSONLPredictionWriter",
     "QTuning",
+    "ResumableCheckpoint",
     "SSToken",
     "SafetyShaping",
     "SavePretrained",
