@@ -22,7 +22,7 @@ def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...],
         >>> check_choice("ExcessLossSelection", "scope", "rows", ("batch", "sample"))
         Traceback (most recent call last):
         ...
-        ValueError: ExcessLossSelection(scope='rows'): scope must be one of 'batch', 'sample'.
+        lightning_tokens.core.errors.ConfigError: ExcessLossSelection(scope='rows'): scope must be one of 'batch', 'sample'.
     """
     if value not in choices:
         raise ConfigError(f"{owner}({name}={value!r}): {name} must be one of {', '.join(map(repr, choices))}{hint}.")
