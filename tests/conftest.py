@@ -6,6 +6,15 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+try:  # the fuzz tests' budgets (tests/fuzzing.py): HYPOTHESIS_PROFILE=fuzz runs 20 times as many examples
+    from hypothesis import settings as hypothesis_settings
+except ImportError:  # hypothesis comes with the dev extra
+    pass
+else:
+    hypothesis_settings.register_profile("ci", deadline=None, database=None, print_blob=True)
+    hypothesis_settings.register_profile("fuzz", hypothesis_settings.get_profile("ci"), max_examples=2000)
+    hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 @pytest.fixture(autouse=True)
 def _seed():

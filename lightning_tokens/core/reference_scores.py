@@ -16,8 +16,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_tokens.core.artifacts import artifact_error, check_format, example_id_key, read_safetensors
 from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.stats import TokenStats
+
+#: ``format`` metadata of reference score files.
+REFERENCE_FORMAT = "lightning_tokens.reference_scores"
 
 
 @torch.no_grad()
@@ -76,13 +80,37 @@ def save_reference_scores(path: str, scores: dict[int, Tensor]) -> None:
 
     tensors = {str(int(key)): value.detach().float().cpu().contiguous() for key, value in scores.items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path, metadata={"format": "lightning_tokens.reference_scores", "version": "1"})
+    save_file(tensors, path, metadata={"format": REFERENCE_FORMAT, "version": "1"})
 
 
 def load_reference_scores(path: str) -> dict[int, Tensor]:
-    from safetensors.torch import load_file
+    """Per-example per-token losses written by :func:`save_reference_scores` (float32, keyed by example id).
 
-    return {int(key): value for key, value in load_file(path).items()}
+    A file without ``format`` metadata is accepted (hand-made score files); one of another format (e.g.
+    STAR scores) is not. Raises :class:`~lightning_tokens.core.errors.MissingFileError` for a missing file
+    and :class:`~lightning_tokens.core.errors.DataError` naming the file and tensor for a malformed one.
+    """
+    hint = "Compute it with `lightning-tokens score --config <config> --output FILE`."
+    tensors, metadata = read_safetensors(path, "reference scores file", hint)
+    check_format(path, metadata, REFERENCE_FORMAT, "reference scores file", hint, required=False)
+    return read_score_tensors(path, tensors)
+
+
+def read_score_tensors(path: str, tensors: dict[str, Tensor]) -> dict[int, Tensor]:
+    """Score tensors keyed by example id: each name an example id, each tensor 1-D floating point (returned
+    as float32); otherwise a :class:`~lightning_tokens.core.errors.DataError` naming ``path`` and the tensor."""
+    scores: dict[int, Tensor] = {}
+    for name, value in tensors.items():
+        key = example_id_key(path, name)
+        where = f"tensor {name[:80]!r}"
+        if key in scores:
+            raise artifact_error(path, where, f"example id {key} appears twice (as another name spelling the same number).")
+        if value.dim() != 1 or not value.is_floating_point():
+            raise artifact_error(
+                path, where, f"expected a 1-D floating-point tensor (one score per position), got {value.dtype} of shape {tuple(value.shape)}."
+            )
+        scores[key] = value.float()
+    return scores
 
 
 def lookup_reference_nll(scores: dict[int, Tensor], batch: dict[str, Any], source: str = "scores") -> Tensor:

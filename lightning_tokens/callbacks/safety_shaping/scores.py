@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -15,7 +16,8 @@ from torch import Tensor
 
 from lightning_tokens.callbacks.safety_shaping.functional import ChunkPrefix, chunk_prefix_lengths, chunk_weights
 from lightning_tokens.core.errors import ConfigError
-from lightning_tokens.core.reference_scores import load_reference_scores
+from lightning_tokens.core.artifacts import artifact_error, check_format, read_safetensors
+from lightning_tokens.core.reference_scores import read_score_tensors
 from lightning_tokens.core.stats import IGNORE_INDEX
 from lightning_tokens.models.guardrails import Guardrail
 
@@ -147,17 +149,25 @@ def save_star_scores(path: str, scores: dict[int, Tensor], chunk_size: int, chun
 
 
 def load_star_scores(path: str) -> tuple[dict[int, Tensor], dict[str, str]]:
-    """``(scores by example id, metadata)`` of a file written by :func:`save_star_scores`."""
-    from safetensors import safe_open
+    """``(scores by example id, metadata)`` of a file written by :func:`save_star_scores`.
 
-    with safe_open(path, framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-    if metadata.get("format") != STAR_FORMAT:
-        raise ConfigError(
-            f"{path} is not a STAR score file (format {metadata.get('format')!r}): compute one with "
-            "`lightning-tokens star_score` (precompute_star_scores)."
+    Raises :class:`~lightning_tokens.core.errors.MissingFileError` for a missing file and
+    :class:`~lightning_tokens.core.errors.DataError` naming the file (and tensor or metadata field) for a
+    malformed one: not safetensors, another format, a bad ``chunk_size`` / ``chunk_prefix``, tensors that
+    are not 1-D floating point or not named by example ids.
+    """
+    hint = "Compute one with `lightning-tokens star_score` (precompute_star_scores)."
+    tensors, metadata = read_safetensors(path, "STAR score file", hint)
+    check_format(path, metadata, STAR_FORMAT, "STAR score file", hint)
+    chunk_size = metadata.get("chunk_size")
+    if chunk_size is not None and not (re.fullmatch(r"[0-9]{1,9}", chunk_size) and int(chunk_size) > 0):
+        raise artifact_error(path, "metadata 'chunk_size'", f"expected a positive integer, got {chunk_size[:80]!r}.")
+    chunk_prefix = metadata.get("chunk_prefix")
+    if chunk_prefix is not None and chunk_prefix not in get_args(ChunkPrefix):
+        raise artifact_error(
+            path, "metadata 'chunk_prefix'", f"expected one of {', '.join(get_args(ChunkPrefix))}, got {chunk_prefix[:80]!r}."
         )
-    return load_reference_scores(path), metadata
+    return read_score_tensors(path, tensors), metadata
 
 
 def _iter_examples(data: Any) -> Iterable[list[tuple[int, Tensor, Tensor, Tensor]]]:

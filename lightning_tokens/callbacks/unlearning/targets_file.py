@@ -10,12 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tokens.core.errors import ConfigError
+from lightning_tokens.core.artifacts import artifact_error, check_format, example_id_key, read_safetensors
+from lightning_tokens.core.errors import ConfigError, DataError
 from lightning_tokens.core.stats import IGNORE_INDEX
 
 __all__ = ["FILE_FORMAT", "GenericTargets", "load_generic_targets", "lookup_generic_targets", "save_generic_targets"]
 
 FILE_FORMAT = "lightning_tokens.whp_generic_targets"
+
+_FIELDS = ("input_ids", "labels", "topk_ids", "topk_probs")
 
 
 @dataclass
@@ -58,28 +61,77 @@ def save_generic_targets(path: str, targets: dict[int, GenericTargets], metadata
 
 
 def load_generic_targets(path: str) -> tuple[dict[int, GenericTargets], dict[str, str]]:
-    """Read a file written by :func:`save_generic_targets`: ``(targets by example id, metadata)``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Read a file written by :func:`save_generic_targets`: ``(targets by example id, metadata)``.
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"targets_file {path!r} does not exist: build it with `lightning-tokens generic_labels` "
-            "(lightning_tokens.callbacks.unlearning.build_generic_labels)."
-        )
-    with safe_open(path, framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-    if metadata.get("format") != FILE_FORMAT:
-        raise ConfigError(f"{path!r} is not a generic-targets file (format {metadata.get('format')!r}, expected {FILE_FORMAT!r}).")
+    Raises :class:`~lightning_tokens.core.errors.MissingFileError` for a missing file and
+    :class:`~lightning_tokens.core.errors.DataError` naming the file and the tensor (or metadata field) for
+    a malformed one: not safetensors, another format, names other than ``"<example id>.<field>"``, missing
+    or misshapen fields, wrong dtypes, negative ids, probabilities outside [0, 1].
+    """
+    hint = "Build it with `lightning-tokens generic_labels` (lightning_tokens.callbacks.unlearning.build_generic_labels)."
+    tensors, metadata = read_safetensors(path, "targets_file", hint)
+    check_format(path, metadata, FILE_FORMAT, "generic-targets file", hint)
     fields: dict[int, dict[str, Tensor]] = {}
-    for name, value in load_file(path).items():
-        key, _, part = name.partition(".")
-        fields.setdefault(int(key), {})[part] = value
-    targets = {
-        key: GenericTargets(f["input_ids"].long(), f["labels"].long(), f["topk_ids"].long() if "topk_ids" in f else None, f.get("topk_probs"))
-        for key, f in fields.items()
-    }
+    for name, value in tensors.items():
+        key_text, dot, part = name.partition(".")
+        if not dot or part not in _FIELDS:
+            raise artifact_error(
+                path, f"tensor {name[:80]!r}", f"expected a name '<example id>.<field>' with a field among {', '.join(_FIELDS)}."
+            )
+        key = example_id_key(path, key_text, f"tensor {name[:80]!r}")
+        if part in fields.setdefault(key, {}):
+            raise artifact_error(path, f"tensor {name[:80]!r}", f"example id {key} has two {part} tensors.")
+        fields[key][part] = value
+    targets = {key: _checked_targets(path, key, f) for key, f in fields.items()}
+    kinds = {t.topk_ids is not None for t in targets.values()}
+    if len(kinds) > 1:
+        raise artifact_error(path, None, "some examples have soft targets (topk_ids, topk_probs) and others not; rebuild the file.")
+    k_values = {int(t.topk_ids.shape[1]) for t in targets.values() if t.topk_ids is not None}
+    if len(k_values) > 1:
+        raise artifact_error(path, None, f"the examples keep different numbers of top-k targets ({sorted(k_values)}); rebuild the file.")
+    declared = metadata.get("targets")
+    if declared is not None and declared not in ("hard", "soft"):
+        raise artifact_error(path, "metadata 'targets'", f"expected 'hard' or 'soft', got {declared[:80]!r}.")
+    if declared == "soft" and kinds == {False}:
+        raise artifact_error(path, "metadata 'targets'", "says 'soft' but the file holds no topk_ids / topk_probs tensors.")
     return targets, metadata
+
+
+def _checked_targets(path: str, key: int, f: dict[str, Tensor]) -> GenericTargets:
+    """The :class:`GenericTargets` of example ``key`` from its tensors, each checked (dtype, shape, values)."""
+
+    def fail(part: str, message: str) -> DataError:
+        return artifact_error(path, f"tensor '{key}.{part}'", message)
+
+    for part in ("input_ids", "labels"):
+        if part not in f:
+            raise fail(part, "missing: every example needs input_ids and labels.")
+    if ("topk_ids" in f) != ("topk_probs" in f):
+        raise fail("topk_ids" if "topk_ids" not in f else "topk_probs", "missing: soft targets need topk_ids and topk_probs.")
+    for part, value in f.items():
+        floating = part == "topk_probs"
+        if floating != value.is_floating_point() or value.dtype == torch.bool or value.is_complex():
+            raise fail(part, f"expected {'a floating-point' if floating else 'an integer'} tensor, got {value.dtype}.")
+    n = f["input_ids"].numel()
+    for part in ("input_ids", "labels"):
+        if f[part].dim() != 1 or f[part].numel() != n:
+            raise fail(part, f"expected shape ({n},) like input_ids, got {tuple(f[part].shape)}.")
+    labels = f["labels"].long()
+    if ((labels < 0) & (labels != IGNORE_INDEX)).any():
+        raise fail("labels", f"token ids must be >= 0 (or {IGNORE_INDEX} where no loss is taken).")
+    topk_ids = topk_probs = None
+    if "topk_ids" in f:
+        for part in ("topk_ids", "topk_probs"):
+            if f[part].dim() != 2 or f[part].shape[0] != n or f[part].shape[1] < 1:
+                raise fail(part, f"expected shape ({n}, k) with k >= 1, got {tuple(f[part].shape)}.")
+        if f["topk_ids"].shape != f["topk_probs"].shape:
+            raise fail("topk_probs", f"expected the shape of topk_ids {tuple(f['topk_ids'].shape)}, got {tuple(f['topk_probs'].shape)}.")
+        topk_ids, topk_probs = f["topk_ids"].long(), f["topk_probs"].float()
+        if (topk_ids < 0).any():
+            raise fail("topk_ids", "token ids must be >= 0.")
+        if not (torch.isfinite(topk_probs) & (topk_probs >= 0) & (topk_probs <= 1)).all():
+            raise fail("topk_probs", "probabilities must lie in [0, 1].")
+    return GenericTargets(f["input_ids"].long(), labels, topk_ids, topk_probs)
 
 
 def lookup_generic_targets(

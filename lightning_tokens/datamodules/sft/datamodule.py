@@ -231,9 +231,9 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
         parser = _RecordParser(self.format, self.schema, self.add_eos, chat, self.fait_char_diff, self.fait_insertions)
         return parser.parse_file(path)
 
-    def _build_examples(self, parsed: list[_Parsed], split: str) -> SFTDataset:
+    def _build_examples(self, parsed: list[_Parsed], split: str, source: str | None = None) -> SFTDataset:
         tokenizer = self._resolve_tokenizer()
-        return _ExampleBuilder(tokenizer, self._bos_prefix, self.max_length, self.truncation).build(parsed, split)
+        return _ExampleBuilder(tokenizer, self._bos_prefix, self.max_length, self.truncation).build(parsed, split, source)
 
     # -- splits --------------------------------------------------------------------------------------
     def _split_records(self) -> dict[str, list[_Parsed]]:
@@ -242,7 +242,9 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
             return {"train": train}
         count = max(1, round(len(train) * self.val_fraction))
         if count >= len(train):
-            raise ConfigError(f"val_fraction={self.val_fraction} leaves no training example out of {len(train)}.")
+            raise ConfigError(
+                f"val_fraction={self.val_fraction} leaves no training example out of {len(train)} in {self.train_file!r}."
+            )
         order = list(range(len(train)))
         random.Random(self.seed).shuffle(order)
         held = set(order[:count])
@@ -297,7 +299,7 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
             if name == "train":
                 parsed = self._apply_filters(parsed)
             self._register_ids(parsed)
-            self._datasets[name] = self._build_examples(parsed, name)
+            self._datasets[name] = self._build_examples(parsed, name, self.train_file)
 
     def _apply_filters(self, parsed: list[_Parsed]) -> list[_Parsed]:
         """The training records that every filter keeps (each filter sees the previous one's survivors)."""
@@ -322,7 +324,7 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
             raise ConfigError(f"trainer.{'test' if split == 'test' else 'validate'} needs {split}_file on the SFTDataModule.")
         parsed = self._parse_file(path)
         self._register_ids(parsed)
-        self._datasets[split] = self._build_examples(parsed, split)
+        self._datasets[split] = self._build_examples(parsed, split, path)
 
     def _examples(self, split: str) -> SFTDataset:
         if split not in self._datasets:

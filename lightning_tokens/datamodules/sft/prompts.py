@@ -3,6 +3,7 @@ for generation, and the dataset that holds them."""
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.datamodules.sft.chat import _ChatTemplate, _plain_messages
 from lightning_tokens.datamodules.sft.fields import _string
-from lightning_tokens.datamodules.sft.records import _EXTENSIONS, FileFormat, _error, _read_records
+from lightning_tokens.datamodules.sft.records import _EXTENSIONS, FileFormat, _error, _read_records, _read_text
 
 
 class _PromptDataset(Dataset):
@@ -44,8 +45,7 @@ def _build_prompt_dataset(
     prompts: list[str] = []
     templated: list[bool] = []
     if fmt == "auto" and ext not in _EXTENSIONS:
-        with open(path, encoding="utf-8") as handle:
-            lines = [line.rstrip("\r\n") for line in handle]
+        lines = [line.rstrip("\r\n") for line in io.StringIO(_read_text(path), newline=None)]
         prompts = [line for line in lines if line.strip()]
         templated = [False] * len(prompts)
     else:
@@ -57,7 +57,10 @@ def _build_prompt_dataset(
                     plain.pop()
                 if not plain:
                     raise _error(record.location, "messages", "expected messages before the (dropped) assistant answer.")
-                prompts.append(chat.render(plain, add_generation_prompt=True))
+                try:
+                    prompts.append(chat.render(plain, add_generation_prompt=True))
+                except Exception as err:  # the template's own error (e.g. raise_exception) on this conversation
+                    raise _error(record.location, "messages", f"the chat template failed: {type(err).__name__}: {err}") from None
                 templated.append(chat.uses_template)
             else:
                 prompts.append(_string(data, "prompt", record.location))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -12,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lightning_tokens.core.errors import ConfigError, DataError
+from lightning_tokens.core.errors import ConfigError, DataError, MissingFileError
 
 __all__ = ["SFTDataError", "stable_example_id"]
 
@@ -30,6 +31,42 @@ class SFTDataError(DataError):
 def _error(location: str, field_name: str | None, message: str) -> SFTDataError:
     where = f"{location}, field '{field_name}'" if field_name else location
     return SFTDataError(f"{where}: {message}")
+
+
+def _json_value(text: str) -> Any:
+    """``json.loads(text)``, every failure a :class:`ValueError` whose message says what is wrong (the
+    caller adds the location): invalid JSON, an integer of more than 4300 digits, nesting too deep."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as err:  # an integer literal beyond Python's int_max_str_digits (4300 by default)
+        raise ValueError("an integer has too many digits" if "digits" in str(err) else str(err)) from None
+    except RecursionError:
+        raise ValueError("arrays or objects are nested too deeply") from None
+
+
+def _read_text(path: str) -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped); invalid UTF-8 is an
+    :class:`SFTDataError` naming the line and the byte column."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"SFT data file {path!r} does not exist.")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        before = data[: err.start]  # lines end with \n, \r\n or \r, as in text mode
+        line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
+        line_start = max(before.rfind(b"\n"), before.rfind(b"\r")) + 1
+        raise _error(
+            f"{path}, line {line}", None,
+            f"not UTF-8 text (byte 0x{data[err.start]:02x} at byte column {err.start - line_start + 1}: {err.reason}); "
+            "save the file as UTF-8.",
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() in text mode
 
 
 def stable_example_id(value: str | int | float) -> int:
@@ -73,9 +110,11 @@ def _read_jsonl(path: str, text: str, prompts: bool = False) -> list[_Record]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = _json_value(line)
         except json.JSONDecodeError as err:
             raise _error(f"{path}, line {lineno}", None, f"invalid JSON ({err.msg}, column {err.colno}).") from None
+        except ValueError as err:
+            raise _error(f"{path}, line {lineno}", None, f"invalid JSON ({err}).") from None
         location = f"{path}, line {lineno}"
         if prompts and isinstance(value, str):
             value = {"prompt": value}
@@ -89,9 +128,11 @@ def _read_json(path: str, text: str, prompts: bool = False) -> list[_Record]:
     if not text.lstrip().startswith("["):  # one object per line in a .json file
         return _read_jsonl(path, text, prompts)
     try:
-        values = json.loads(text)
+        values = _json_value(text)
     except json.JSONDecodeError as err:
         raise _error(f"{path}, line {err.lineno}", None, f"invalid JSON ({err.msg}, column {err.colno}).") from None
+    except ValueError as err:
+        raise _error(path, None, f"invalid JSON ({err}).") from None
     records = []
     for index, value in enumerate(values):
         location = f"{path}, index {index}"
@@ -105,11 +146,22 @@ def _read_json(path: str, text: str, prompts: bool = False) -> list[_Record]:
 
 def _read_csv(path: str, text: str, prompts: bool = False) -> list[_Record]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames:
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as err:
+        raise _csv_error(path, reader.line_num or 1, err) from None
+    if not fieldnames:
         raise _error(f"{path}, line 1", None, "a CSV file needs a header row naming its fields.")
     records = []
     line_end = reader.line_num
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            raise _csv_error(path, line_end + 1, err) from None
         start, line_end = line_end + 1, reader.line_num
         location = f"{path}, line {start}"
         data: dict[str, Any] = {}
@@ -118,11 +170,16 @@ def _read_csv(path: str, text: str, prompts: bool = False) -> list[_Record]:
                 continue
             if key in _LIST_FIELDS:
                 try:
-                    value = json.loads(value)
+                    value = _json_value(value)
                 except json.JSONDecodeError as err:
                     raise _error(location, key, f"invalid JSON in the CSV cell ({err.msg}).") from None
+                except ValueError as err:
+                    raise _error(location, key, f"invalid JSON in the CSV cell ({err}).") from None
             elif key == "id" and re.fullmatch(r"\d+", value):
-                value = int(value)
+                try:
+                    value = int(value)
+                except ValueError:  # more than 4300 digits
+                    raise _error(location, key, f"an integer id of {len(value)} digits is too long.") from None
             data[key] = value
         # an empty cell is an absent field, except where it is the empty half of a prompt/response pair
         # or the only schema field of the row (so that the error says "empty", not "missing")
@@ -136,12 +193,14 @@ def _read_csv(path: str, text: str, prompts: bool = False) -> list[_Record]:
     return records
 
 
+def _csv_error(path: str, line: int, err: csv.Error) -> SFTDataError:
+    hint = " (save long texts as JSONL instead)" if "field limit" in str(err) else ""
+    return _error(f"{path}, line {line}", None, f"unreadable CSV: {err}{hint}.")
+
+
 def _read_records(path: str, fmt: FileFormat = "auto", prompts: bool = False) -> list[_Record]:
     """The records of an SFT data file, each with its location (``"path, line N"`` / ``"path, index N"``);
     ``prompts``: a JSON string is read as ``{"prompt": string}``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"SFT data file {path!r} does not exist.")
-    with open(path, encoding="utf-8-sig") as handle:  # -sig: a leading byte-order mark is dropped
-        text = handle.read()
+    text = _read_text(path)
     kind = _infer_format(path, fmt)
     return {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv}[kind](path, text, prompts)

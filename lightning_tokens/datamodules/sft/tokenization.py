@@ -62,9 +62,9 @@ class _ExampleBuilder:
                 out.extend((ids, None) for ids in encoded["input_ids"])
         return out
 
-    def build(self, parsed: list[_Parsed], split: str) -> SFTDataset:
-        """The tokenized examples of ``split``: long ones dropped or cut as ``truncation`` says, unlabelled ones
-        dropped."""
+    def build(self, parsed: list[_Parsed], split: str, source: str | None = None) -> SFTDataset:
+        """The tokenized examples of ``split`` (read from the file ``source``): long ones dropped or cut as
+        ``truncation`` says, unlabelled ones dropped."""
         tokenizer = self.tokenizer
         flat = [segment for p in parsed for segment in p.segments]
         encoded = iter(self._tokenize_segments(flat))
@@ -115,7 +115,8 @@ class _ExampleBuilder:
                         p.location, "token_weights",
                         f"has {len(values)} values but the example has {count} labelled tokens{extra}.",
                     )
-                weights[lab] *= np.asarray(values, dtype=np.float32)
+                with np.errstate(over="ignore"):  # an overflow is reported below, naming the record
+                    weights[lab] *= np.asarray(values, dtype=np.float32)
             else:
                 eos_weight = 1.0
             if p.eos:
@@ -124,7 +125,13 @@ class _ExampleBuilder:
                 weights = np.append(weights, np.float32(eos_weight))
                 field_arrays = {name: np.append(values, np.float32(0.0)) for name, values in field_arrays.items()}
             ids_arr = np.asarray(ids, dtype=np.int32)
-            weights = weights * np.float32(p.weight)
+            with np.errstate(over="ignore"):
+                weights = weights * np.float32(p.weight)
+            if not np.isfinite(weights).all():
+                raise _error(
+                    p.location, "weight",
+                    "weight x weight_spans x token_weights exceeds the float32 range (3.4e38) on some token; use smaller weights.",
+                )
             if len(ids_arr) > self.max_length:
                 too_long += 1
                 if self.truncation == "error":
@@ -140,7 +147,8 @@ class _ExampleBuilder:
                 ids_arr, lab, weights = ids_arr[keep], lab[keep], weights[keep]
                 field_arrays = {name: values[keep] for name, values in field_arrays.items()}
             labels = np.where(lab, ids_arr, -100).astype(np.int32)
-            labels[0] = -100  # never predicted from a token of its own example
+            if len(labels):
+                labels[0] = -100  # never predicted from a token of its own example
             if not (labels != -100).any():
                 unlabelled += 1
                 continue
@@ -162,7 +170,10 @@ class _ExampleBuilder:
                 f"SFT {split}: {unlabelled}/{total} examples have no labelled token left (after truncation) and were dropped."
             )
         if not inputs:
-            raise ConfigError(f"SFT {split}: no example is left ({total} read); check max_length and truncation.")
+            where = f" of {source}" if source else ""
+            raise ConfigError(
+                f"SFT {split}: no example is left ({total} read{where}); check max_length and truncation."
+            )
         return SFTDataset(inputs, labels_out, weights_out, ids_out, fields_out or None)
 
     def _kept_slice(self, ids: np.ndarray, has_bos: bool) -> np.ndarray:
