@@ -94,7 +94,6 @@ def trainer_star_score(
     )
 
 
-
 def trainer_generic_labels(
     trainer: pl.Trainer,
     model: pl.LightningModule,
@@ -121,9 +120,10 @@ def trainer_generic_labels(
 def _checked_checkpoint(ckpt_path: Any, trust: bool) -> Iterator[None]:
     """Around Lightning's own loading of ``ckpt_path``: a sharded folder's metadata is checked first, and
     torch's refusal of a single file under ``weights_only`` becomes the library's one-line error."""
-    from lightning_tokens.modules.checkpoints import check_checkpoint_source, untrusted_checkpoint_error
+    from lightning_tokens.modules.checkpoints import check_sharded_metadata, is_sharded_checkpoint, untrusted_checkpoint_error
 
-    check_checkpoint_source(ckpt_path, trust)
+    if ckpt_path is not None and is_sharded_checkpoint(ckpt_path):  # not for names such as `last`
+        check_sharded_metadata(ckpt_path, trust)
     try:
         yield
     except pickle.UnpicklingError as error:

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 __all__ = [
     "HISTORY_PREFIX",
     "TRUST_FLAG",
-    "check_checkpoint_source",
     "check_sharded_metadata",
     "consolidated_state_dict",
     "export_checkpoint",
@@ -136,13 +135,6 @@ def check_sharded_metadata(path: str | os.PathLike, trust: bool = False) -> None
         raise _refuse(metadata, "sharded checkpoint's metadata", f"the Python object {str(error)!r}") from None
     except Exception as error:  # noqa: BLE001 - a damaged file is a data problem, not a crash
         raise DataError(f"{metadata}: not a readable sharded-checkpoint metadata file ({error}).") from None
-
-
-def check_checkpoint_source(path: str | os.PathLike | None, trust: bool = False) -> None:
-    """What the CLI checks before Lightning loads ``ckpt_path``: a sharded folder's metadata (a single file
-    is loaded with ``weights_only=True`` by Lightning itself). Names such as ``last`` pass through."""
-    if path is not None and not trust and is_sharded_checkpoint(path):
-        check_sharded_metadata(path)
 
 
 def _saves_sharded(trainer: Any) -> bool:
