@@ -35,10 +35,14 @@ class TokenLossMixin:
     choose the fused-op backend.
 
     Note:
-        Automatic optimisation only. Each training step logs ``train/loss`` (token mean of the
-        micro-batch), ``train/kept_fraction`` (kept tokens / tokens with labels) and what each method
-        reports under ``train/<MethodName>/``. Under data parallelism the first two are global (sums
-        all-reduced before dividing) and the methods' logs are averaged over the ranks.
+        Automatic optimisation only. Each training step logs ``train/loss`` (the training objective:
+        token mean of the micro-batch's kept, weighted per-token losses), ``train/nll`` (the plain
+        token-mean NLL of the labelled tokens, whatever post-forward methods weight, select or replace:
+        the one curve that runs with different methods share; tokens a pre-forward method weights 0 are
+        not predicted, so not counted), ``train/kept_fraction`` (kept tokens / tokens with
+        labels) and what each method reports under ``train/<MethodName>/``. Under data parallelism the
+        first three are global (sums all-reduced before dividing) and the methods' logs are averaged over
+        the ranks.
     """
 
     token_loss_backend: str = "auto"
@@ -126,13 +130,16 @@ class TokenLossMixin:
         token_loss = torch.where(keep, token_loss, torch.zeros_like(token_loss))
         kept = keep.sum()
         loss_sum = token_loss.sum()
+        # the plain NLL of every labelled token, whatever the methods did: one curve all runs share
+        nll_sum = torch.where(stats.mask, stats.nll.detach(), torch.zeros_like(stats.nll)).sum()
         # one all-reduce serves the normaliser and the logs (global token means, not means of the ranks' means)
-        total_kept, total_loss, total_labelled = global_sum(
-            torch.stack([kept.float(), loss_sum.detach().float(), stats.mask.sum().float()]), trainer
+        total_kept, total_loss, total_labelled, total_nll = global_sum(
+            torch.stack([kept.float(), loss_sum.detach().float(), stats.mask.sum().float(), nll_sum.float()]), trainer
         )
         divisor = self._token_normalizer.divisor(kept, trainer, global_count=total_kept)
         batch_size = stats.labels.shape[0]
         module.log("train/loss", total_loss / total_kept.clamp(min=1), prog_bar=True, batch_size=batch_size)
+        module.log("train/nll", total_nll / total_labelled.clamp(min=1), batch_size=batch_size)
         module.log("train/kept_fraction", total_kept / total_labelled.clamp(min=1), batch_size=batch_size)
         return loss_sum / divisor
 

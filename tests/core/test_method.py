@@ -90,3 +90,26 @@ def test_bad_labels_fail_before_the_first_step():
     too_big = {"input_ids": torch.ones(1, 4, dtype=torch.long), "labels": torch.tensor([[1, 2, 99, -100]])}
     with pytest.raises(ValueError, match="outside the vocabulary"):
         trainer(max_steps=1).fit(FusedLM(), DataLoader([too_big], batch_size=None))
+
+
+def test_train_nll_is_the_plain_token_mean_nll_whatever_the_methods_do():
+    """``train/nll`` is the mean NLL of every labelled token that reaches the output head (float64 by hand):
+    post-forward weights (DFT) and masks (KeepLowLoss) do not change it, tokens a pre-forward method weights
+    0 (EveryOtherToken) never get a prediction. ``train/loss`` is the methods' objective."""
+    examples = make_examples([9, 7, 8], prompt=1)
+    torch.manual_seed(0)
+    model = FusedLM(lr=1.0)
+    torch.manual_seed(0)
+    ref = FusedLM(lr=1.0).double()
+    run = trainer(max_steps=1, callbacks=[EveryOtherToken(), DFT(), KeepLowLoss()])
+    run.fit(model, loader(examples, len(examples)))
+    batch = next(iter(loader(examples, 3)))
+    with torch.no_grad():
+        logits = ref.head(ref.hidden(batch["input_ids"]))[:, :-1]
+    target = batch["labels"][:, 1:]
+    valid = target != -100
+    valid[:, 1::2] = False  # EveryOtherToken's zero weights (label positions 2, 4, ...)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
+    expected = (nll * valid).sum() / valid.sum()
+    assert float(run.callback_metrics["train/nll"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(run.callback_metrics["train/loss"]) != pytest.approx(float(expected), rel=1e-2)
