@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_tokens.core.errors import ConfigError
+from lightning_tokens.core.seeding import SeedOption
 from lightning_tokens.datamodules.nupa.dataset import NUPACollator, NUPADataset, _read_prompts
 from lightning_tokens.datamodules.nupa.tasks import (
     NUPA_TASKS,
@@ -62,7 +63,8 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
         max_length: longest tokenized prompt + answer + eos. Longer examples lose prompt tokens from the
             left (the answer is kept whole; a leading bos is kept) with a warning; prediction prompts are
             cut to ``max_length - generation_max_new_tokens``.
-        seed: base seed; each (split, task) pair gets its own derived seed.
+        seed: base seed; each (split, task) pair gets its own derived seed. ``None`` (the default) takes
+            the seed of ``seed_everything`` (the CLI's ``seed_everything:``), else 1234.
         num_workers: DataLoader worker processes.
         max_new_tokens: generation budget; ``None`` = longest held-out answer in tokens + 2.
         predict_file: prompts for ``predict`` (``.jsonl``/``.json``: objects with a ``"prompt"``
@@ -79,6 +81,8 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
         ['attention_mask', 'example_id', 'input_ids', 'labels']
     """
 
+    seed = SeedOption()  # None: seed_everything's seed, read when used
+
     def __init__(
         self,
         tasks: list[str] | str = "Integer/add",
@@ -92,7 +96,7 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
         batch_size: int = 64,
         eval_batch_size: int = 128,
         max_length: int = 256,
-        seed: int = 1234,
+        seed: int | None = None,
         num_workers: int = 0,
         max_new_tokens: int | None = None,
         predict_file: str | None = None,

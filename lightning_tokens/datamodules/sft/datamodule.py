@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lightning_tokens.core.errors import ConfigError
+from lightning_tokens.core.seeding import SeedOption
 from lightning_tokens.datamodules.filters import RecordFilter
 from lightning_tokens.datamodules.sampling import ResumableDataMixin
 from lightning_tokens.datamodules.sft.chat import _ChatTemplate
@@ -81,7 +82,8 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
         batch_size: training batch size (rows when packing).
         eval_batch_size: validation/test/predict batch size.
         num_workers: DataLoader worker processes.
-        seed: seed of the validation hold-out, the packing order and the shuffling.
+        seed: seed of the validation hold-out, the packing order and the shuffling. ``None`` (the
+            default) takes the seed of ``seed_everything`` (the CLI's ``seed_everything:``), else 1234.
         val_fraction: fraction of the training file held out for validation when ``val_file`` is
             ``None`` (chosen with ``seed``).
         add_eos: append the tokenizer's eos (labelled) to responses, texts and fallback-template chats.
@@ -121,6 +123,8 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
         ``tokenizer`` left out (the module's is used).
     """
 
+    seed = SeedOption()  # None: seed_everything's seed, read when used
+
     def __init__(
         self,
         train_file: str,
@@ -138,7 +142,7 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 0,
-        seed: int = 1234,
+        seed: int | None = None,
         val_fraction: float = 0.0,
         add_eos: bool = True,
         max_new_tokens: int = 256,
