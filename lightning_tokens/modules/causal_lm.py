@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from lightning_tokens.core.reference import ReferenceSettings, build_reference
 from lightning_tokens.core.stats import OutputHead
 from lightning_tokens.models.presets import check_model_source, is_preset, load_causal_lm
 from lightning_tokens.modules.checkpoints import load_provider_state, provider_state_for_checkpoint
+from lightning_tokens.modules.lazy_backends import hide_unused_bitsandbytes, import_peft
 from lightning_tokens.modules.quantization import (
     QuantizationMode,
     bnb_config,
@@ -411,11 +413,10 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
 
 
 def _add_lora(model: torch.nn.Module, settings: LoRASettings, quantized: bool) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
+    peft = import_peft()
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = peft.LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
@@ -423,7 +424,10 @@ def _add_lora(model: torch.nn.Module, settings: LoRASettings, quantized: bool) -
         bias=settings.bias,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with hide_unused_bitsandbytes(), warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning we cannot fix here)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, config)
 
 
 def _check_output_head(model: torch.nn.Module) -> None:

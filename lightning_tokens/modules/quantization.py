@@ -44,6 +44,7 @@ from lightning.pytorch.plugins import BitsandbytesPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
 from lightning_tokens.core.errors import ConfigError
+from lightning_tokens.modules.lazy_backends import import_bitsandbytes
 
 if TYPE_CHECKING:
     from lightning_tokens.modules.causal_lm import TokenLM
@@ -75,7 +76,7 @@ def check_quantization(mode: str, field: str = "quantization") -> None:
     if mode not in QUANTIZATION_MODES:
         raise ConfigError(f"{field}={mode!r} is not a mode: choose one of {QUANTIZATION_MODES} or null.")
     try:
-        import bitsandbytes  # noqa: F401
+        import_bitsandbytes()
     except Exception as err:  # bitsandbytes raises various errors on machines it cannot run on
         raise ConfigError(
             f"{field}={mode!r} needs bitsandbytes, which cannot be imported here ({err}). Install it "
@@ -192,7 +193,7 @@ def quantize_for_precision(model: torch.nn.Module, plugin: BitsandbytesPrecision
         model = quantize_for_precision(AutoModelForCausalLM.from_pretrained(path), plugin)
         model.to("cuda")  # quantizes
     """
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     ignore = _ignore_set(plugin.ignore_modules)
     head = _head_name(model)

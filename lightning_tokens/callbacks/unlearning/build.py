@@ -42,10 +42,12 @@ def _attach_reinforced(model: TokenLM, path: str) -> Iterator[_Models]:
     """The reinforced model next to the baseline: a peft adapter folder loaded onto the baseline's own
     weights (baseline = adapter disabled), or a full model folder loaded as a second model."""
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        from peft import PeftModel
+        from lightning_tokens.modules.lazy_backends import hide_unused_bitsandbytes, import_peft
 
+        PeftModel = import_peft().PeftModel
         base = model.model
-        peft_model = PeftModel.from_pretrained(base, path).eval()
+        with hide_unused_bitsandbytes():
+            peft_model = PeftModel.from_pretrained(base, path).eval()
         model.model = peft_model
         try:
             yield _Models(peft_model.disable_adapter, nullcontext, None, None)
