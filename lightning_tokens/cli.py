@@ -7,6 +7,9 @@
     lightning-tokens generic_labels --config configs/whp_generic_labels.yaml --output generic.safetensors
     lightning-tokens export --config configs/fsdp.yaml --ckpt_path runs/fsdp/checkpoints/last.ckpt --output export/
     lightning-tokens star_score --config configs/star_dss.yaml --guardrail '{class_path: ..., init_args: ...}' --output v.safetensors
+    lightning-tokens compare --config configs/compare_smollm2_nupa.yaml --methods none,dft,rho1 --seeds 1,2
+
+Every subcommand takes ``--output_dir DIR``: the run's root, logs and checkpoints together.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -36,6 +40,73 @@ from lightning_tokens.callbacks.unlearning import GenericTargets, build_generic_
 from lightning_tokens.core.errors import LightningTokensError
 from lightning_tokens.core.reference_scores import score_reference
 from lightning_tokens.models.guardrails import Guardrail
+
+
+# ---- one output folder per run -----------------------------------------------------------------------
+def apply_output_dir(config: Any) -> None:
+    """``output_dir: runs/x`` in a parsed config becomes the Trainer's ``default_root_dir``, the
+    ``save_dir`` of every logger that has one and the checkpoint folder ``runs/x/checkpoints`` (the
+    ``checkpoint`` section, and any ``ModelCheckpoint`` among the callbacks). It replaces paths the config
+    also gives (each replacement is reported), so one option moves a whole run. With no logger
+    configured, the run logs to CSV files in ``runs/x/logs/version_<n>/metrics.csv``."""
+    output_dir = config.get("output_dir")
+    if not output_dir:
+        return
+    checkpoints = str(Path(output_dir) / "checkpoints")
+    _replace(config, "trainer.default_root_dir", output_dir)
+    if config.get("checkpoint") is not None:
+        _replace(config, "checkpoint.dirpath", checkpoints)
+    loggers = config.get("trainer.logger")
+    if loggers is None or loggers is True:  # Lightning's default logger: a CSV log in the run's folder
+        config["trainer.logger"] = loggers = Namespace(
+            class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=output_dir, name="logs")
+        )
+    for index, logger in enumerate(loggers if isinstance(loggers, list) else [loggers]):
+        if _class_arguments(logger) is not None and "save_dir" in _class_arguments(logger):
+            key = f"trainer.logger.{index}.init_args.save_dir" if isinstance(loggers, list) else "trainer.logger.init_args.save_dir"
+            _replace(config, key, output_dir, target=logger["init_args"], name="save_dir")
+    for index, callback in enumerate(config.get("trainer.callbacks") or []):
+        if _is_subclass(callback, "lightning.pytorch.callbacks.ModelCheckpoint"):
+            _replace(config, f"trainer.callbacks.{index}.init_args.dirpath", checkpoints, target=callback["init_args"], name="dirpath")
+
+
+def _replace(config: Any, key: str, value: str, target: Any = None, name: str | None = None) -> None:
+    target, name = (config, key) if target is None else (target, name)
+    old = target.get(name)
+    if old not in (None, "", value):
+        rank_zero_info(f"output_dir: {key} {old} -> {value}")
+    target[name] = value
+
+
+def _class_arguments(entry: Any) -> Any:
+    """``init_args`` of a ``class_path`` entry of a parsed config (``None`` for ``True``/``False``/``None``)."""
+    if entry is None or isinstance(entry, bool) or not hasattr(entry, "get"):
+        return None
+    return entry.get("init_args")
+
+
+def _is_subclass(entry: Any, base: str | type | tuple[type, ...]) -> bool:
+    """Whether a ``class_path`` entry of a parsed config names a subclass of ``base`` (a class, classes, or
+    an import path)."""
+    if _class_arguments(entry) is None or not entry.get("class_path"):
+        return False
+    from jsonargparse.typing import import_object  # type: ignore[attr-defined]
+
+    try:
+        return issubclass(import_object(entry["class_path"]), import_object(base) if isinstance(base, str) else base)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+
+
+def replace_token_methods(config: Any, methods: list[Any]) -> None:
+    """Drop the token methods (``TokenMethod`` / ``BatchTokenMethod`` callbacks) from a parsed config's
+    ``trainer.callbacks`` and add ``methods`` (parsed ``class_path`` entries) in their place, before the
+    other callbacks; what a ``compare`` run does to its base config."""
+    from lightning_tokens.core.method import BatchTokenMethod, TokenMethod
+
+    callbacks = config.get("trainer.callbacks") or []
+    others = [entry for entry in callbacks if not _is_subclass(entry, (TokenMethod, BatchTokenMethod))]
+    config["trainer.callbacks"] = [*methods, *others]
 
 
 # ---- the offline steps: a model and a datamodule run outside fit, on the trainer's root device ----------
@@ -349,6 +420,18 @@ class TokensCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(JSONLPredictionWriter, "predictions")
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
+        parser.add_argument(
+            "--output_dir",
+            type=Optional[str],
+            default=None,
+            help="One folder for the run: sets trainer.default_root_dir, the logger's save_dir and "
+            "checkpoint.dirpath (<output_dir>/checkpoints) together.",
+        )
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        apply_output_dir(config)
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
@@ -361,9 +444,10 @@ class TokensCLI(LightningCLI):
         return self._instantiate_trainer(config, [self._get(self.config_init, key) for key in keys])
 
 
-def cli(args: list[str] | None = None, run: bool = True) -> TokensCLI:
-    """Build (and by default run) the CLI; ``args`` as on the command line, ``None`` reads ``sys.argv``."""
-    return TokensCLI(
+def cli(args: list[str] | None = None, run: bool = True, cli_class: type[TokensCLI] | None = None) -> TokensCLI:
+    """Build (and by default run) the CLI; ``args`` as on the command line, ``None`` reads ``sys.argv``;
+    ``cli_class`` a subclass of :class:`TokensCLI` to build instead."""
+    return (cli_class or TokensCLI)(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
@@ -374,6 +458,38 @@ def cli(args: list[str] | None = None, run: bool = True) -> TokensCLI:
         args=args,
         run=run,
     )
+
+
+#: Messages of other libraries that every run prints and the library cannot fix at the source; the
+#: ``lightning-tokens`` command silences them (``import lightning_tokens`` does not touch warning filters).
+#: Warnings: (message regex, category, origin). Log lines: (logger name, message prefix, origin).
+KNOWN_THIRD_PARTY_WARNINGS: list[tuple[str, type[Warning], str]] = [
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, "Lightning 2.6's _pytree under torch 2.14"),
+]
+KNOWN_THIRD_PARTY_LOG_LINES: list[tuple[str, str, str]] = [
+    ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging", "Lightning's LitLogger advert"),
+]
+
+
+def silence_known_third_party_messages() -> None:
+    """Install the filters of :data:`KNOWN_THIRD_PARTY_WARNINGS` and :data:`KNOWN_THIRD_PARTY_LOG_LINES`."""
+    import logging
+    import warnings
+
+    for message, category, _ in KNOWN_THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name, prefix, _ in KNOWN_THIRD_PARTY_LOG_LINES:
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "prefix", None) == prefix for f in logger.filters):
+            logger.addFilter(_DropPrefix(prefix))
+
+
+class _DropPrefix:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
 
 
 #: Set to 1 (or pass ``--debug``) to see the traceback of the library's own user errors.
@@ -392,8 +508,14 @@ def main(args: list[str] | None = None) -> None:
     remaining = [arg for arg in given if arg != "--debug"]
     if args is None:
         sys.argv[1:] = remaining  # LightningCLI reads sys.argv itself (and warns when given both)
+    silence_known_third_party_messages()
     try:
-        cli(None if args is None else remaining)
+        if remaining[:1] == ["compare"]:
+            from lightning_tokens.compare import main as compare_main
+
+            compare_main(remaining[1:])
+        else:
+            cli(None if args is None else remaining)
     except Exception as error:
         user_error = _user_error(error)
         if user_error is None or debug:

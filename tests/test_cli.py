@@ -170,3 +170,22 @@ def test_an_untrusted_checkpoint_is_refused_by_every_subcommand_until_trusted(tm
         main(["export", "--config", config, "--ckpt_path", str(path), "--output", str(tmp_path / "out"), "--trust_checkpoint", "true"])
     assert marker.exists()
     assert "does not match the configured model" in capsys.readouterr().err
+
+
+def test_the_command_silences_only_the_listed_third_party_messages(caplog):
+    import logging
+    import warnings
+
+    from lightning_tokens.cli import silence_known_third_party_messages
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_known_third_party_messages()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try ...")
+        logger.info("Seed set to 1")
+    assert [r.getMessage() for r in caplog.records] == ["Seed set to 1"]

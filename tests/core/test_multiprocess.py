@@ -136,8 +136,8 @@ def test_fsdp_config_runs_under_torchrun_and_exports(tmp_path):
     overrides = [
         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
         "--trainer.strategy.init_args.data_parallel_size=2", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
-        "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={root}", "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false", f"--checkpoint.dirpath={root}/checkpoints",
+        "--trainer.limit_val_batches=1", f"--output_dir={root}", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
         "--checkpoint.every_n_train_steps=3",
         "--model.init_args.model=tiny-llama", "--model.init_args.tokenizer=char", f"--model.init_args.model_config={tiny}",
         "--model.init_args.reference.model=tiny-llama", f"--model.init_args.reference.model_config={tiny}",
