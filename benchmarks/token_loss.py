@@ -26,6 +26,17 @@ three QLoRA rows run, their two target ratios are printed under the table.
     python benchmarks/token_loss.py --device cuda --preset llama-1.5b --vocab 128256 --batch 8 --seq 4096
     python benchmarks/token_loss.py --device cuda --preset llama-1b --batch 2 --seq 1024 --gradient-checkpointing \
         --variants lora_bf16,qlora_nf4,qlora_nf4_rho1
+
+Run-to-run noise (about ±25 % on a shared 2-core machine) can be larger than the effects measured. With
+``--repeats N`` (N > 1) every variant runs N times, each run in a fresh Python process, interleaved: round r
+runs every variant once, in an order shuffled with seed r, so slow drift of the machine hits all variants
+alike. Baselines missing from ``--variants`` are added (and the output says so). Each round's ratio is paired
+(the variant's step time / its baseline's step time in the same round); the table reports per variant the
+median step time, the median ratio and its spread (min–max and interquartile range) over the rounds; the QLoRA
+target lines use the median ratio. A failed child process shows as a failed row with the last line of its
+stderr, and the other runs go on. ``--json`` then holds every round's results and the summary.
+
+    python benchmarks/token_loss.py --device cpu --repeats 5 --variants token_lm,dft,qtuning --json runs/r5.json
 """
 
 from __future__ import annotations
@@ -35,7 +46,11 @@ import gc
 import math
 import os
 import json
+import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any
 
@@ -237,7 +252,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", default="tiny-llama")
@@ -251,15 +266,37 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (all variants)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--workdir", default="runs/benchmark", help="where offline reference scores are written")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="N > 1: N interleaved rounds, each variant in its own process; median and spread of paired ratios",
+    )
+    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # child of --repeats: one variant
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    if args.single and not args.json:
+        parser.error("--single needs --json")
     args.precision = args.precision or ("bf16-true" if args.device == "cuda" else "32-true")
+    return args
 
-    os.makedirs(args.workdir, exist_ok=True)
+
+def _device_name(args: argparse.Namespace) -> str:
+    return torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+
+
+def _setup_line(device: str, args: argparse.Namespace) -> str:
+    return f"device: {device} | model {args.preset}, vocab {args.vocab}, {args.batch}x{args.seq} tokens, {args.precision}"
+
+
+# ------------------------------------------------------------------ --repeats 1: all variants in this process
+
+
+def run_in_process(args: argparse.Namespace) -> None:
     results = {}
     for name in args.variants.split(","):
         results[name] = run_variant(name, args)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"\ndevice: {device} | model {args.preset}, vocab {args.vocab}, {args.batch}x{args.seq} tokens, {args.precision}")
+    device = _device_name(args)
+    print(f"\n{_setup_line(device, args)}")
     print("| variant | step time (s) | peak memory (GiB) | baseline | time × baseline | memory × baseline |")
     print("|---|---|---|---|---|---|")
     for row in results.values():
@@ -279,6 +316,209 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": device, "args": vars(args), "results": list(results.values())}, handle, indent=2)
+
+
+def run_single(args: argparse.Namespace) -> None:
+    """The child of ``--repeats``: one variant, its result written as JSON."""
+    result = run_variant(args.single, args)
+    result["device"] = _device_name(args)
+    with open(args.json, "w") as handle:
+        json.dump(result, handle)
+
+
+# ------------------------------------------------------------------ --repeats N: interleaved child processes
+
+NAN = float("nan")
+# the arguments a child process gets from its parent (the model, shape and run settings)
+_CHILD_ARGS = ("device", "preset", "vocab", "batch", "seq", "steps", "warmup", "precision", "workdir")
+
+
+def baseline_of(name: str) -> str:
+    return VARIANTS[name.partition(":")[0]][3]
+
+
+def with_baselines(names: list[str]) -> tuple[list[str], list[str]]:
+    """``names`` plus the baselines their ratios need (a baseline's own baseline too), and the ones added."""
+    run, added = list(names), []
+    for name in run:  # grows while iterated
+        base = baseline_of(name)
+        if base not in run:
+            run.append(base)
+            added.append(base)
+    return run, added
+
+
+def round_order(names: list[str], r: int) -> list[str]:
+    """Round ``r``'s order: every variant once, shuffled with seed ``r``."""
+    order = list(names)
+    random.Random(r).shuffle(order)
+    return order
+
+
+def child_command(name: str, args: argparse.Namespace, json_path: str) -> list[str]:
+    command = [sys.executable, os.path.abspath(__file__), "--single", name, "--json", json_path]
+    for key in _CHILD_ARGS:
+        command += [f"--{key}", str(getattr(args, key))]
+    if args.gradient_checkpointing:
+        command.append("--gradient-checkpointing")
+    return command
+
+
+def run_child(name: str, args: argparse.Namespace, json_path: str) -> dict[str, Any]:
+    """One variant in a fresh process; a failure comes back as ``{"failed": <last stderr line>}``."""
+    proc = subprocess.run(child_command(name, args, json_path), capture_output=True, text=True)
+    if proc.returncode == 0 and os.path.exists(json_path):
+        with open(json_path) as handle:
+            return json.load(handle)
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    error = lines[-1] if lines else f"exit code {proc.returncode}"
+    return {"variant": name, "baseline": baseline_of(name), "failed": error}
+
+
+def run_rounds(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="token_loss-") as tmp:
+        for r in range(1, args.repeats + 1):
+            order, results = round_order(names, r), {}
+            for i, name in enumerate(order):
+                start = time.perf_counter()
+                results[name] = result = run_child(name, args, os.path.join(tmp, f"round{r}-{i}.json"))
+                outcome = f"failed: {result['failed']}" if "failed" in result else f"{result['step_s']:.4f} s/step"
+                print(f"round {r}/{args.repeats}: {name} {outcome} ({time.perf_counter() - start:.0f} s)",
+                      file=sys.stderr, flush=True)
+            rounds.append({"round": r, "order": order, "results": results})
+    return rounds
+
+
+def _ok(result: dict[str, Any] | None, key: str) -> bool:
+    return result is not None and "failed" not in result and math.isfinite(result.get(key, NAN))
+
+
+def paired_ratios(rounds: list[dict[str, dict]], row: str, base: str, key: str) -> list[float]:
+    """Per round where both ran: ``row``'s ``key`` / ``base``'s ``key`` in that same round."""
+    return [
+        results[row][key] / results[base][key]
+        for results in rounds
+        if _ok(results.get(row), key) and _ok(results.get(base), key) and results[base][key] > 0
+    ]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min, max and quartiles (``statistics.quantiles``, inclusive); all NaN for no values."""
+    if not values:
+        return dict.fromkeys(("median", "min", "max", "q1", "q3"), NAN)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "q1": q1, "q3": q3}
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else NAN
+
+
+def summarize_rounds(rounds: list[dict[str, dict]], baselines: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per variant (in ``baselines``' order, variant -> baseline) from per-round results
+    (``rounds[i][variant]`` is a ``run_variant`` result or ``{"failed": message}``)."""
+    rows = []
+    for name, base in baselines.items():
+        runs = [results[name] for results in rounds if name in results]
+        errors = [run["failed"] for run in runs if "failed" in run]
+        time_ratios = paired_ratios(rounds, name, base, "step_s")
+        rows.append({
+            "variant": name,
+            "baseline": base,
+            "rounds": len(runs),
+            "n": len(time_ratios),
+            "failures": len(errors),
+            "failed": errors[-1] if errors else None,
+            "step_s": _median([run["step_s"] for run in runs if _ok(run, "step_s")]),
+            "peak_gib": _median([run["peak_gib"] for run in runs if _ok(run, "peak_gib")]),
+            "time_ratio": spread(time_ratios),
+            "mem_ratio": spread(paired_ratios(rounds, name, base, "peak_gib")),
+        })
+    return rows
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _ratio_cells(s: dict[str, float]) -> str:
+    return f"{_fmt(s['median'], 3)} | {_fmt(s['min'], 3)}–{_fmt(s['max'], 3)} | {_fmt(s['q1'], 3)}–{_fmt(s['q3'], 3)}"
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    print(
+        "ratios are paired per round (variant / its baseline in the same round); median over the n rounds where "
+        "both ran, spread = min–max and IQR (Q1–Q3, statistics.quantiles inclusive)"
+    )
+    print(
+        "| variant | n | step time (s), median | peak memory (GiB), median | baseline | time × baseline, median | "
+        "time ratio min–max | time ratio IQR | memory × baseline, median | memory ratio min–max | memory ratio IQR |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        n = f"{row['n']}/{row['rounds']}"
+        if row["failures"] == row["rounds"]:
+            print(f"| {row['variant']} | {n} | failed: {row['failed']} | | {row['baseline']} | | | | | | |")
+            continue
+        print(
+            f"| {row['variant']} | {n} | {_fmt(row['step_s'], 4)} | {_fmt(row['peak_gib'], 2)} | {row['baseline']} | "
+            f"{_ratio_cells(row['time_ratio'])} | {_ratio_cells(row['mem_ratio'])} |"
+        )
+    for row in rows:
+        if 0 < row["failures"] < row["rounds"]:
+            print(f"{row['variant']}: {row['failures']} of {row['rounds']} runs failed, last: {row['failed']}")
+
+
+def print_targets(rounds: list[dict[str, dict]], names: list[str]) -> None:
+    for row, base, key, target in QLORA_TARGETS:
+        if row in names and base in names:
+            s = spread(paired_ratios(rounds, row, base, key))
+            what = "step time" if key == "step_s" else "peak memory"
+            if math.isnan(s["median"]):
+                verdict = "n/a (not measured on this device)"
+            else:
+                verdict = "met" if s["median"] <= target else "MISSED"
+                if s["q1"] <= target < s["q3"]:
+                    verdict += " (the IQR straddles the target)"
+            print(
+                f"{what}: {row} / {base} = {_fmt(s['median'], 3)} median, min–max {_fmt(s['min'], 3)}–"
+                f"{_fmt(s['max'], 3)}, IQR {_fmt(s['q1'], 3)}–{_fmt(s['q3'], 3)} (target <= {target:.2f}): {verdict}"
+            )
+
+
+def run_repeated(args: argparse.Namespace) -> None:
+    names, added = with_baselines(args.variants.split(","))
+    if added:
+        print(f"added the baseline(s) {', '.join(added)} (not in --variants; the ratios need them)", flush=True)
+    start = time.perf_counter()
+    rounds = run_rounds(names, args)
+    per_round = [entry["results"] for entry in rounds]
+    rows = summarize_rounds(per_round, {name: baseline_of(name) for name in names})
+    ok = [result for results in per_round for result in results.values() if "failed" not in result]
+    device = ok[0]["device"] if ok else _device_name(args)
+    print(f"\n{_setup_line(device, args)} | {args.repeats} interleaved rounds, one process per run, "
+          f"{time.perf_counter() - start:.0f} s")
+    print_summary(rows)
+    print_targets(per_round, names)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(
+                {"device": device, "args": vars(args), "variants": names, "added_baselines": added,
+                 "rounds": rounds, "summary": rows},
+                handle, indent=2,
+            )
+
+
+def main() -> None:
+    args = parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    if args.single:
+        run_single(args)
+    elif args.repeats > 1:
+        run_repeated(args)
+    else:
+        run_in_process(args)
 
 
 if __name__ == "__main__":
