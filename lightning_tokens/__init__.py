@@ -19,10 +19,13 @@ go through one token-loss pipeline. Where things go, by Lightning role:
   selection; images, speech, time series and RL prompts as they arrive).
 - ``metrics/``: torchmetrics metrics. ``models/``: offline model builders (presets, tokenizers, the packaged
   small model) and frozen judges (``guardrails.py``).
+- ``rl/``: pure RL arithmetic (group advantages, policy losses, KL estimators, GRAO).
 - Still to come, each created with its first content: ``layers/`` (blocks shared by several modules),
-  ``rl/`` (pure RL arithmetic), ``rewards/`` (reward functions).
-- ``cli.py``: the ``lightning-tokens`` command, including the offline steps (``score``, ``star_score``,
-  ``generic_labels``, ``export``).
+  ``rewards/`` (reward functions).
+- ``compare/``: ``lightning-tokens compare`` (variants × seeds, the table and the chart).
+- ``cli/``: the ``lightning-tokens`` command: ``app.py`` (TokensCLI, ``main``), ``trainer.py``
+  (TokensTrainer), ``offline_steps.py`` (``score``, ``star_score``, ``generic_labels``),
+  ``config_edits.py`` (``output_dir``), ``messages.py`` (third-party messages it silences).
 
 Public names are imported lazily, so ``import lightning_tokens.ops`` stays light.
 """

@@ -1,0 +1,215 @@
+"""``TokensTrainer``: Lightning's Trainer with safe checkpoint loading and the offline steps as methods
+(so that LightningCLI makes them subcommands)."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_tokens.callbacks.safety_shaping import ChunkPrefix
+from lightning_tokens.cli.offline_steps import trainer_generic_labels, trainer_score, trainer_star_score
+from lightning_tokens.models.guardrails import Guardrail
+
+
+@contextmanager
+def _checked_checkpoint(ckpt_path: Any, trust: bool) -> Iterator[None]:
+    """Around Lightning's own loading of ``ckpt_path``: a sharded folder's metadata is checked first, and
+    torch's refusal of a single file under ``weights_only`` becomes the library's one-line error."""
+    from lightning_tokens.modules.checkpoints import check_sharded_metadata, is_sharded_checkpoint, untrusted_checkpoint_error
+
+    if ckpt_path is not None and is_sharded_checkpoint(ckpt_path):  # not for names such as `last`
+        check_sharded_metadata(ckpt_path, trust)
+    try:
+        yield
+    except pickle.UnpicklingError as error:
+        raise untrusted_checkpoint_error(ckpt_path, error) from None
+
+
+def _weights_only(weights_only: bool | None, trust: bool) -> bool | None:
+    return False if trust else weights_only
+
+
+class TokensTrainer(pl.Trainer):
+    """Lightning's Trainer plus the offline steps as subcommands: ``score`` (per-token reference losses),
+    ``star_score`` (STAR-DSS guardrail values), ``generic_labels`` (WHP unlearning targets) and ``export``.
+
+    Every subcommand that reads a checkpoint loads it safely (tensors, containers and allowlisted library
+    types only; :mod:`lightning_tokens.modules.checkpoints`) unless ``trust_checkpoint`` is set.
+    """
+
+    @override
+    def fit(
+        self,
+        model: pl.LightningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | Path | None = None,
+        weights_only: bool | None = None,
+        trust_checkpoint: bool = False,
+    ) -> None:
+        """Lightning's ``fit``, with safe checkpoint loading.
+
+        Args:
+            model: the module to train.
+            train_dataloaders: training data (or use ``datamodule``).
+            val_dataloaders: validation data.
+            datamodule: the datamodule.
+            ckpt_path: a checkpoint file or sharded folder to resume from (or ``last``, ``best``, ...).
+            weights_only: Lightning's own switch for ``torch.load`` (``None``: torch's safe default).
+            trust_checkpoint: load ``ckpt_path`` as it is, without the safe-loading allowlist (a file you trust).
+        """
+        with _checked_checkpoint(ckpt_path, trust_checkpoint):
+            super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, _weights_only(weights_only, trust_checkpoint))
+
+    @override
+    def validate(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | Path | None = None,
+        verbose: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
+        weights_only: bool | None = None,
+        trust_checkpoint: bool = False,
+    ) -> list[Mapping[str, float]]:
+        """Lightning's ``validate``; ``trust_checkpoint`` as in :meth:`fit`."""
+        with _checked_checkpoint(ckpt_path, trust_checkpoint):
+            return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, _weights_only(weights_only, trust_checkpoint))
+
+    @override
+    def test(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | Path | None = None,
+        verbose: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
+        weights_only: bool | None = None,
+        trust_checkpoint: bool = False,
+    ) -> list[Mapping[str, float]]:
+        """Lightning's ``test``; ``trust_checkpoint`` as in :meth:`fit`."""
+        with _checked_checkpoint(ckpt_path, trust_checkpoint):
+            return super().test(model, dataloaders, ckpt_path, verbose, datamodule, _weights_only(weights_only, trust_checkpoint))
+
+    @override
+    def predict(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        datamodule: pl.LightningDataModule | None = None,
+        return_predictions: bool | None = None,
+        ckpt_path: str | Path | None = None,
+        weights_only: bool | None = None,
+        trust_checkpoint: bool = False,
+    ) -> Any:
+        """Lightning's ``predict``; ``trust_checkpoint`` as in :meth:`fit`."""
+        with _checked_checkpoint(ckpt_path, trust_checkpoint):
+            return super().predict(
+                model, dataloaders, datamodule, return_predictions, ckpt_path, _weights_only(weights_only, trust_checkpoint)
+            )
+
+    def score(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        output: str = "reference_scores.safetensors",
+        ckpt_path: str | None = None,
+        trust_checkpoint: bool = False,
+    ) -> None:
+        """Score the datamodule's training examples with ``model`` and write per-token losses to ``output``.
+
+        Args:
+            model: the reference model (its config is the ``model`` section).
+            datamodule: the training data, exactly as training will see it (same tokenizer and ids).
+            output: the safetensors file to write; give it to ``reference.scores_file`` (mode ``offline``).
+            ckpt_path: optional checkpoint whose weights the reference takes.
+            trust_checkpoint: load ``ckpt_path`` without the safe-loading allowlist (a file you trust).
+        """
+        trainer_score(self, model, datamodule, output, ckpt_path, trust_checkpoint)
+
+    def star_score(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        guardrail: Guardrail,
+        output: str = "star_scores.safetensors",
+        chunk_size: int = 5,
+        chunk_prefix: ChunkPrefix = "chunk_end",
+    ) -> None:
+        """STAR-DSS: score every training response's chunk prefixes with a guardrail, write per-token
+        P(safe) to ``output`` for ``SafetyShaping(scores_file=...)``.
+
+        Args:
+            model: the module whose tokenizer the datamodule uses.
+            datamodule: the training data.
+            guardrail: a :class:`~lightning_tokens.models.guardrails.Guardrail` (``class_path`` + ``init_args``).
+            output: the safetensors file to write.
+            chunk_size: tokens per chunk (M).
+            chunk_prefix: which prefix scores a chunk (see ``SafetyShaping``).
+        """
+        trainer_star_score(self, model, datamodule, output, guardrail, chunk_size, chunk_prefix)
+
+    def generic_labels(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        output: str = "generic_labels.safetensors",
+        reinforced_adapter: str = "runs/whp/reinforced_adapter",
+        anchors_file: str = "data/examples/whp/anchors.json",
+        alpha: float = 5.0,
+        targets: Literal["hard", "soft"] = "hard",
+        top_k: int = 20,
+        seen_penalty: float = 10.0,
+    ) -> None:
+        """Who's Harry Potter step 2: generic targets ``v_base - alpha·ReLU(v_reinforced - v_base)`` for
+        every training example, written to ``output`` for ``GenericLabels(targets_file=...)``.
+
+        Args:
+            model: the baseline (no LoRA).
+            datamodule: the target corpus.
+            output: the safetensors file to write.
+            reinforced_adapter: the LoRA adapter folder (or full model folder) of the reinforced model.
+            anchors_file: JSON dictionary of anchored terms → generic translations.
+            alpha: the strength α.
+            targets: ``hard`` (argmax labels) or ``soft`` (top-k distributions, hard labels too).
+            top_k: kept entries of each soft distribution.
+            seen_penalty: how much translations of anchors already seen are lowered.
+        """
+        trainer_generic_labels(
+            self, model, datamodule, output, reinforced_adapter, anchors_file, alpha, targets, top_k, seen_penalty
+        )
+
+
+    def export(
+        self,
+        model: pl.LightningModule,
+        ckpt_path: str,
+        output: str = "export",
+        format: Literal["hf", "state_dict"] = "hf",
+        datamodule: pl.LightningDataModule | None = None,
+        trust_checkpoint: bool = False,
+    ) -> None:
+        """Consolidate a training checkpoint (a ``.ckpt`` file or the folder a sharded FSDP run saves)
+        into one artefact, on one process.
+
+        Args:
+            model: the module as configured for training (same model, LoRA, reference).
+            ckpt_path: checkpoint file or sharded checkpoint folder.
+            output: ``hf``: a folder for ``from_pretrained`` (LoRA adapter in peft's format, or the full
+                model) with the tokenizer; ``state_dict``: one ``torch.save`` file.
+            format: ``hf`` or ``state_dict``.
+            datamodule: unused (lets ``export`` read the training config as is).
+            trust_checkpoint: load ``ckpt_path`` without the safe-loading allowlist (a file you trust).
+        """
+        from lightning_tokens.modules.checkpoints import export_checkpoint
+
+        export_checkpoint(model, ckpt_path, output, format, trust_checkpoint)
+        rank_zero_info(f"exported {ckpt_path} ({format}) to {output}")
