@@ -14,6 +14,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import Sampler
 
+from lightning_tokens.core.errors import ConfigError
+
 
 class ResumableShuffleSampler(Sampler[int]):
     """Random permutation per epoch from ``(seed, epoch)``; an optional one-shot skip on resume.
@@ -67,11 +69,19 @@ class ResumableDataMixin:
         # "processed", not "completed": a checkpoint written in on_train_batch_end has processed the
         # batch (its optimizer step is in the checkpoint) but not yet counted it as completed
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches": batches}
+        return {"epoch": trainer.current_epoch, "batches": batches, "seed": getattr(self, "seed", None)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            self._resume_position = (int(state["epoch"]), int(state["batches"]))
+        if not state:
+            return
+        saved, current = state.get("seed"), getattr(self, "seed", None)
+        if saved is not None and current is not None and int(saved) != int(current):
+            raise ConfigError(
+                f"{type(self).__name__}: the checkpoint was trained on data seeded {saved}, this run seeds its "
+                f"data with {current} (seed_everything, or the datamodule's own seed): resuming would continue on "
+                f"different data. Resume with seed_everything: {saved} (or the datamodule's seed: {saved})."
+            )
+        self._resume_position = (int(state["epoch"]), int(state["batches"]))
 
     def _resumable_sampler(self, num_samples: int, seed: int, batch_size: int) -> ResumableShuffleSampler:
         sampler = ResumableShuffleSampler(num_samples, seed)

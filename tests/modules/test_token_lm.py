@@ -51,7 +51,12 @@ def test_resume_mid_epoch_gives_the_same_weights_as_an_uninterrupted_run(tmp_pat
     ckpt = str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
     assert os.path.exists(ckpt)
 
-    pl.seed_everything(123)  # the resumed run must not depend on the global seed
+    pl.seed_everything(123)  # the data follow seed_everything: resuming under another seed is refused
+    with pytest.raises(ValueError, match="data seeded 0, this run seeds its data with 123"):
+        _trainer(tmp_path / "c", max_steps=10, callbacks=[DFT()]).fit(_model(), datamodule=_data(), ckpt_path=ckpt)
+
+    pl.seed_everything(0)
+    torch.manual_seed(123)  # the resumed run must not depend on the global RNG state
     resumed = _model()
     _trainer(tmp_path / "b", max_steps=10, callbacks=[DFT()]).fit(resumed, datamodule=_data(), ckpt_path=ckpt)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
