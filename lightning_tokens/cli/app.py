@@ -71,7 +71,11 @@ class TokensCLI(LightningCLI):
 
     @override
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.edit_config(self.config[self.subcommand] if self.subcommand else self.config)
+
+    def edit_config(self, config: Any) -> None:
+        """Edits of the parsed config (of the running subcommand) before anything is built: ``output_dir``.
+        Subclasses extend it (``compare`` swaps the token methods here)."""
         apply_output_dir(config)
 
     @override

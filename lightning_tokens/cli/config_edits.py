@@ -29,20 +29,20 @@ def apply_output_dir(config: Any) -> None:
             class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=output_dir, name="logs")
         )
     for index, logger in enumerate(loggers if isinstance(loggers, list) else [loggers]):
-        if _class_arguments(logger) is not None and "save_dir" in _class_arguments(logger):
-            key = f"trainer.logger.{index}.init_args.save_dir" if isinstance(loggers, list) else "trainer.logger.init_args.save_dir"
-            _replace(config, key, output_dir, target=logger["init_args"], name="save_dir")
+        arguments = _class_arguments(logger)
+        if arguments is not None and "save_dir" in arguments:
+            _replace(arguments, "save_dir", output_dir, label=f"trainer.logger[{index}].save_dir")
     for index, callback in enumerate(config.get("trainer.callbacks") or []):
         if _is_subclass(callback, "lightning.pytorch.callbacks.ModelCheckpoint"):
-            _replace(config, f"trainer.callbacks.{index}.init_args.dirpath", checkpoints, target=callback["init_args"], name="dirpath")
+            _replace(callback["init_args"], "dirpath", checkpoints, label=f"trainer.callbacks[{index}].dirpath")
 
 
-def _replace(config: Any, key: str, value: str, target: Any = None, name: str | None = None) -> None:
-    target, name = (config, key) if target is None else (target, name)
-    old = target.get(name)
+def _replace(target: Any, key: str, value: str, label: str | None = None) -> None:
+    """``target[key] = value``, reporting a different value it replaces (as ``label``, default ``key``)."""
+    old = target.get(key)
     if old not in (None, "", value):
-        rank_zero_info(f"output_dir: {key} {old} -> {value}")
-    target[name] = value
+        rank_zero_info(f"output_dir: {label or key} {old} -> {value}")
+    target[key] = value
 
 
 def _class_arguments(entry: Any) -> Any:

@@ -123,7 +123,7 @@ def execute_run(
         result.test = {key: float(value) for row in metrics for key, value in row.items()}
         result.status = "ok"
     except Exception as error:  # noqa: BLE001 - one failing variant must not stop the comparison
-        result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        result.error = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         (run_dir / "error.txt").write_text(traceback.format_exc())
     finally:
         gc.collect()
@@ -140,9 +140,9 @@ def _variant_cli(variant: Variant) -> type:
 
     class VariantCLI(TokensCLI):
         @override
-        def before_instantiate_classes(self) -> None:
-            super().before_instantiate_classes()
-            replace_token_methods(self.config[self.subcommand] if self.subcommand else self.config, methods)
+        def edit_config(self, config: Any) -> None:
+            super().edit_config(config)
+            replace_token_methods(config, methods)
 
     return VariantCLI
 

@@ -131,7 +131,8 @@ class TokenLossMixin:
         kept = keep.sum()
         loss_sum = token_loss.sum()
         # the plain NLL of every labelled token, whatever the methods did: one curve all runs share
-        nll_sum = torch.where(stats.mask, stats.nll.detach(), torch.zeros_like(stats.nll)).sum()
+        # (stats.nll is 0 outside stats.mask)
+        nll_sum = stats.nll.detach().sum()
         # one all-reduce serves the normaliser and the logs (global token means, not means of the ranks' means)
         total_kept, total_loss, total_labelled, total_nll = global_sum(
             torch.stack([kept.float(), loss_sum.detach().float(), stats.mask.sum().float(), nll_sum.float()]), trainer
