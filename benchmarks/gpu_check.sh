@@ -5,8 +5,12 @@
 #   1. the token-loss pipeline against the model's own loss (llama-1.5b, 8x4096 tokens);
 #   2. QLoRA on one GPU: bf16 LoRA vs QLoRA nf4 vs QLoRA nf4 + Rho-1 (adapter-disabled reference) on the
 #      ~1B Llama shape (llama-1b), with the two target ratios (Rho-1 step <= 1.30x QLoRA step, QLoRA + Rho-1
-#      peak memory <= 0.40x bf16 LoRA peak).
-# Writes logs to $OUT. SKIP_TESTS=1 skips the tests, SKIP_TABLE1=1 / SKIP_QLORA=1 skip a table.
+#      peak memory <= 0.40x bf16 LoRA peak);
+#   3. the selection methods on the shape of table 1: Q-Tuning against the model's own loss (target <= 1.03)
+#      and ssToken against Rho-1 with the same offline history (target <= 1.05).
+# Writes logs to $OUT. SKIP_TESTS=1 skips the tests, SKIP_TABLE1=1 / SKIP_QLORA=1 / SKIP_SELECTION=1 skip a
+# table. Each part runs under a time limit (seconds: TESTS_LIMIT, TABLE_LIMIT) so one hung part cannot eat
+# the lease; a part that hits it says so in its log.
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -26,14 +30,23 @@ for name in ("torch", "lightning", "transformers", "peft", "bitsandbytes", "lige
     except Exception as err:  # noqa: BLE001
         print(name, "MISSING:", err, "- carry its wheel in .whl/ (pip download --no-deps <pkg>==<pin> -d .whl)")
 PY
-[ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/cuda_tests.txt"
-[ -n "${SKIP_TABLE1:-}" ] || python3 benchmarks/token_loss.py --device cuda --preset "${PRESET:-llama-1.5b}" --vocab "${VOCAB:-128256}" \
+TESTS_LIMIT="${TESTS_LIMIT:-300}"; TABLE_LIMIT="${TABLE_LIMIT:-180}"
+[ -n "${SKIP_TESTS:-}" ] || timeout "$TESTS_LIMIT" python3 -m pytest -q -m cuda tests -p no:cacheprovider -rfEs --durations=8 \
+  > "$OUT/cuda_tests_full.txt" 2>&1; echo "pytest exit $?" >> "$OUT/cuda_tests_full.txt"
+[ -n "${SKIP_TESTS:-}" ] || tail -40 "$OUT/cuda_tests_full.txt" | tee "$OUT/cuda_tests.txt"
+[ -n "${SKIP_TABLE1:-}" ] || timeout "$TABLE_LIMIT" python3 benchmarks/token_loss.py --device cuda --preset "${PRESET:-llama-1.5b}" --vocab "${VOCAB:-128256}" \
   --batch "${BATCH:-8}" --seq "${SEQ:-4096}" --steps "${STEPS:-6}" --warmup 2 \
   --variants "${VARIANTS:-hf_loss,token_lm,dft,dft:torch}" --json "$OUT/token_loss.json" 2>&1 \
   | grep -v -i warn | tail -12 | tee "$OUT/token_loss.txt"
 # QLoRA on one GPU. `lora` runs first only to warm the GPU up (kernels, allocator) for the three rows that count.
 GC_FLAG=""; [ "${Q_GC:-1}" = "1" ] && GC_FLAG="--gradient-checkpointing"
-[ -n "${SKIP_QLORA:-}" ] || python3 benchmarks/token_loss.py --device cuda --preset "${Q_PRESET:-llama-1b}" \
+[ -n "${SKIP_QLORA:-}" ] || timeout "$TABLE_LIMIT" python3 benchmarks/token_loss.py --device cuda --preset "${Q_PRESET:-llama-1b}" \
   --vocab "${Q_VOCAB:-32000}" --batch "${Q_BATCH:-2}" --seq "${Q_SEQ:-1024}" --steps "${Q_STEPS:-6}" --warmup 2 $GC_FLAG \
   --variants "lora,lora_bf16,qlora_nf4,qlora_nf4_rho1" --workdir "${Q_WORKDIR:-/tmp/qlora_bench}" \
   --json "$OUT/qlora.json" 2>&1 | grep -v -i warn | tail -10 | tee "$OUT/qlora.txt"
+# Selection methods on table 1's shape, one run: hf_loss is the baseline of token_lm and qtuning, rho1_offline
+# (offline history losses) the baseline of sstoken_offline, so the ssToken ratio is its cost beyond the history.
+[ -n "${SKIP_SELECTION:-}" ] || timeout "$TABLE_LIMIT" python3 benchmarks/token_loss.py --device cuda --preset "${PRESET:-llama-1.5b}" \
+  --vocab "${VOCAB:-128256}" --batch "${BATCH:-8}" --seq "${SEQ:-4096}" --steps "${STEPS:-6}" --warmup 2 \
+  --variants "hf_loss,token_lm,qtuning,rho1_offline,sstoken_offline" --json "$OUT/selection.json" 2>&1 \
+  | grep -v -i warn | tail -12 | tee "$OUT/selection.txt"

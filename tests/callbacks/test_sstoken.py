@@ -256,6 +256,37 @@ def test_probe_equals_eager_output_attentions_with_right_padding(preset, impl):
     assert not model.get_decoder().layers[-1]._forward_pre_hooks
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
+def test_probe_sdpa_loop_on_the_gpu_equals_eager_attention(preset, dtype):
+    """On a GPU the probe's loop runs through the fused SDPA kernels; it must give the attention mass of
+    eager attention run on the same weights, in float32 and in bf16 (eager's bf16 probabilities are
+    rounded once per entry, so the bf16 tolerance is that rounding summed over the prompt keys)."""
+    torch.manual_seed(0)
+    model = _hf(preset, "sdpa").to("cuda", dtype)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 40, (3, 300), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 230:] = 0
+    mask[2, 90:] = 0
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    labels[:, :64] = -100
+    ids, mask, labels = ids.cuda(), mask.cuda(), labels.cuda()
+    probe = AttentionProbe(max_chunk_elements=4096)  # several query chunks per row
+    probe.attach(model)
+    model(input_ids=ids, attention_mask=mask)
+    keys = prompt_key_mask(labels, mask)
+    got = probe.attention_to(keys)
+    probe.detach()
+    expected = to_prompt(eager_attention(model, input_ids=ids, attention_mask=mask), keys)
+    valid = mask.bool()
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double()[valid], expected[valid], atol=atol, rtol=0)
+    assert got.is_cuda and got.dtype == torch.float32
+
+
 def test_probe_on_packed_rows_equals_each_example_alone():
     model = _hf("tiny-qwen2", "sdpa")
     g = torch.Generator().manual_seed(2)
