@@ -48,6 +48,7 @@ _EXPORTS = {
     "FAIT": "lightning_tokens.callbacks",
     "GenericLabels": "lightning_tokens.callbacks",
     "QTuning": "lightning_tokens.callbacks",
+    "DivergenceWeightedAdvantage": "lightning_tokens.callbacks",
     "SafetyShaping": "lightning_tokens.callbacks",
     "SSToken": "lightning_tokens.callbacks",
     "ReferenceSettings": "lightning_tokens.core",
@@ -65,6 +66,8 @@ _EXPORTS = {
     "LoRASettings": "lightning_tokens.modules",
     "OptimizerSettings": "lightning_tokens.modules",
     "TokenLM": "lightning_tokens.modules",
+    "GRPO": "lightning_tokens.modules",
+    "RewardSpec": "lightning_tokens.rewards",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -34,7 +34,11 @@ def _fast(tmp_path):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_parses_and_instantiates(config):
+def test_every_shipped_config_parses_and_instantiates(config, tmp_path):
+    text = config.read_text()
+    if "model: runs/quickstart/export" in text:  # made by an earlier run (test_grpo_config_runs_...): a preset
+        config = tmp_path / config.name
+        config.write_text(text.replace("model: runs/quickstart/export", "model: tiny-llama\n    tokenizer: char"))
     if "QLoRAPrecision" in config.read_text() and not torch.cuda.is_available():
         # Lightning's bitsandbytes plugin needs CUDA: the config stops at once, saying what to use instead
         with pytest.raises(ValueError, match=r"needs a CUDA GPU.*set model\.quantization: nf4"):
@@ -189,3 +193,22 @@ def test_the_command_silences_only_the_listed_third_party_messages(caplog):
         logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try ...")
         logger.info("Seed set to 1")
     assert [r.getMessage() for r in caplog.records] == ["Seed set to 1"]
+
+
+def test_grpo_config_runs_from_an_exported_quickstart(tmp_path):
+    """configs/grpo_nupa.yaml as its header says: quickstart fit, export, then GRPO from the export."""
+    config = _quickstart_in(tmp_path)
+    cli(["fit", "--config", config, *_fast(tmp_path)])
+    export = tmp_path / "export"
+    cli(["export", "--config", config, *_fast(tmp_path), f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}",
+         f"--output={export}"])
+    grpo = tmp_path / "grpo.yaml"
+    text = (Path(QUICKSTART).parent / "grpo_nupa.yaml").read_text()
+    grpo.write_text(text.replace("runs/quickstart/export", str(export)).replace("runs/grpo_nupa", str(tmp_path / "grpo")))
+    run = cli(["fit", "--config", str(grpo), "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+               "--trainer.enable_progress_bar=false", "--model.init_args.num_generations=2",
+               "--data.init_args.batch_size=2", "--data.init_args.num_train=16", "--data.init_args.num_val=4"])
+    metrics = run.trainer.callback_metrics
+    assert {"train/reward", "train/loss", "val/exact_match"} <= set(metrics)
+    completions = list((tmp_path / "grpo").rglob("completions.jsonl"))
+    assert len(completions) == 1 and len(completions[0].read_text().splitlines()) == 2 * 4  # 2 rollouts x 4 samples

@@ -7,6 +7,7 @@ package re-exporting its public names.
 """
 
 from lightning_tokens.callbacks.dft import DFT
+from lightning_tokens.callbacks.divergence_weighting import DivergenceWeightedAdvantage
 from lightning_tokens.callbacks.fait import FAIT
 from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
 from lightning_tokens.callbacks.qtuning import QTuning
@@ -18,6 +19,7 @@ from lightning_tokens.callbacks.unlearning import GenericLabels, SavePretrained
 
 __all__ = [
     "DFT",
+    "DivergenceWeightedAdvantage",
     "FAIT",
     "ExcessLossSelection",
     "GenericLabels",

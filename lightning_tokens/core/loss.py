@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -103,28 +104,11 @@ class TokenLossMixin:
 
     # ---- training --------------------------------------------------------------------------------
     def _training_token_loss(self, stats: TokenStats, methods: list, batch: dict[str, Any]) -> Tensor:
-        per_token, weights, keep, extra = stats.nll, _data_weights(stats, batch), stats.mask.clone(), None
-        replaced_by = None
         module: pl.LightningModule = self  # type: ignore[assignment]
         trainer = module._trainer
-        logs: dict[str, float | Tensor] = {}
-        for method in methods:
-            out: TokenMethodOutput = method.compute(stats, module)
-            if out.weights is not None:
-                weights = weights * out.weights
-            if out.mask is not None:
-                keep = keep & out.mask.bool()
-            if out.loss is not None:
-                if replaced_by is not None:
-                    raise ConfigError(f"{method.name} and {replaced_by} both replace the per-token loss; keep one.")
-                per_token, replaced_by = out.loss, method.name
-            if out.extra_loss is not None:
-                extra = out.extra_loss if extra is None else extra + out.extra_loss
-            logs.update({f"train/{method.name}/{key}": value for key, value in out.logs.items()})
-        if trainer is not None and trainer.world_size > 1 and methods:
-            logs = mean_over_ranks(logs, trainer)
-        for key, value in logs.items():
-            module.log(key, value, on_step=True, on_epoch=False)
+        outcome = run_token_methods(stats, methods, module, data_weights(stats, batch))
+        per_token = stats.nll if outcome.loss is None else outcome.loss
+        weights, keep, extra = outcome.weights, outcome.keep, outcome.extra_loss
         keep = keep & (weights != 0)
         token_loss = weights * per_token if extra is None else weights * per_token + extra
         token_loss = torch.where(keep, token_loss, torch.zeros_like(token_loss))
@@ -160,7 +144,49 @@ class TokenLossMixin:
             parent.on_before_optimizer_step(optimizer)  # type: ignore[misc]
 
 
-def _data_weights(stats: TokenStats, batch: dict[str, Any]) -> Tensor:
+@dataclass
+class MethodOutcome:
+    """The post-forward methods of one step, combined: weights multiplied, masks intersected (with the
+    labelled positions), at most one replacing per-token loss, extra terms summed."""
+
+    weights: Tensor
+    keep: Tensor
+    loss: Tensor | None = None
+    replaced_by: str | None = None
+    extra_loss: Tensor | None = None
+
+
+def run_token_methods(
+    stats: TokenStats, methods: list, module: pl.LightningModule, weights: Tensor
+) -> MethodOutcome:
+    """Ask every post-forward method for its output, combine them, and log what they report (averaged over
+    the ranks). ``weights`` are the data's weights that the methods multiply into. Shared by every module whose
+    loss is built from per-token terms (``TokenLossMixin``'s token mean, ``GRPO``'s policy loss)."""
+    outcome = MethodOutcome(weights=weights, keep=stats.mask.clone())
+    trainer = module._trainer
+    logs: dict[str, float | Tensor] = {}
+    for method in methods:
+        out: TokenMethodOutput = method.compute(stats, module)
+        if out.weights is not None:
+            outcome.weights = outcome.weights * out.weights
+        if out.mask is not None:
+            outcome.keep = outcome.keep & out.mask.bool()
+        if out.loss is not None:
+            if outcome.replaced_by is not None:
+                raise ConfigError(f"{method.name} and {outcome.replaced_by} both replace the per-token loss; keep one.")
+            outcome.loss, outcome.replaced_by = out.loss, method.name
+        if out.extra_loss is not None:
+            outcome.extra_loss = out.extra_loss if outcome.extra_loss is None else outcome.extra_loss + out.extra_loss
+        logs.update({f"train/{method.name}/{key}": value for key, value in out.logs.items()})
+    if trainer is not None and trainer.world_size > 1 and methods:
+        logs = mean_over_ranks(logs, trainer)
+    if trainer is not None:
+        for key, value in logs.items():
+            module.log(key, value, on_step=True, on_epoch=False)
+    return outcome
+
+
+def data_weights(stats: TokenStats, batch: dict[str, Any]) -> Tensor:
     """Weights that travel with the data: ``token_weights`` (B, T) times ``sample_weights`` (B,)."""
     weights = torch.ones_like(stats.labels, dtype=torch.float32)
     token_weights = batch.get("token_weights")

@@ -1,5 +1,6 @@
 """LightningModules."""
 
 from lightning_tokens.modules.causal_lm import LoRASettings, OptimizerSettings, TokenLM
+from lightning_tokens.modules.grpo import GRPO
 
-__all__ = ["LoRASettings", "OptimizerSettings", "TokenLM"]
+__all__ = ["GRPO", "LoRASettings", "OptimizerSettings", "TokenLM"]

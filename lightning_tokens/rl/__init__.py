@@ -32,6 +32,7 @@ from lightning_tokens.rl.losses import (
     kl_penalty,
     masked_mean,
     policy_loss,
+    policy_loss_per_token,
 )
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "kl_penalty",
     "masked_mean",
     "policy_loss",
+    "policy_loss_per_token",
     "sequence_log_likelihood",
     "token_advantages",
 ]

@@ -43,6 +43,7 @@ __all__ = [
     "kl_penalty",
     "masked_mean",
     "policy_loss",
+    "policy_loss_per_token",
 ]
 
 #: verl's ``loss_agg_mode`` values.
@@ -339,6 +340,31 @@ def policy_loss(
         >>> round(loss.item(), 4), stats.pg_clipfrac.item()  # ratios 2, 1, 1, 0.5: two clipped
         (-0.1, 0.5)
     """
+    agg = check_choice("agg", agg, AGG_MODES + _TRL_NAMES)
+    losses, stats = policy_loss_per_token(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip)
+    return aggregate(losses, mask, agg, max_len), stats
+
+
+def policy_loss_per_token(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, PolicyLossStats]:
+    """The ``(B, T)`` per-token losses of :func:`policy_loss`, before aggregation, and its statistics.
+
+    For callers that reduce the tokens themselves (``GRPO``'s exact token mean over an accumulation window
+    and all ranks). Arguments as in :func:`policy_loss`; masked positions may hold any finite value.
+
+    Example:
+        >>> logp = torch.log(torch.tensor([[0.5, 0.9]]))
+        >>> losses, _ = policy_loss_per_token(logp, logp - 1.0, torch.tensor([1.0]), torch.ones(1, 2))
+        >>> losses  # ratios e > 1.2: clipped at -A * 1.2
+        tensor([[-1.2000, -1.2000]])
+    """
     logp = float_tensor("logp", logp)
     old_logp = float_tensor("old_logp", old_logp)
     logp, mask = _check_pair("logp", logp, mask)
@@ -354,7 +380,6 @@ def policy_loss(
         raise ConfigError(f"clip_high={clip_high} must be >= 0: the ratio's upper bound is 1 + clip_high.")
     if dual_clip is not None and check_finite("dual_clip", dual_clip) <= 1.0:
         raise ConfigError(f"dual_clip={dual_clip} must be > 1 (verl uses 3.0), or None to turn dual clip off.")
-    agg = check_choice("agg", agg, AGG_MODES + _TRL_NAMES)
 
     log_ratio = (logp - old_logp.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
@@ -371,8 +396,7 @@ def policy_loss(
         with torch.no_grad():
             lower_frac = masked_mean(((losses > bound) & negative).to(logp.dtype), mask)
         losses = torch.where(negative, torch.minimum(losses, bound), losses)
-    loss = aggregate(losses, mask, agg, max_len)
-    return loss, PolicyLossStats(pg_clipfrac=clipfrac, ppo_kl=ppo_kl, pg_clipfrac_lower=lower_frac)
+    return losses, PolicyLossStats(pg_clipfrac=clipfrac, ppo_kl=ppo_kl, pg_clipfrac_lower=lower_frac)
 
 
 def _per_token_advantages(advantages: Tensor, like: Tensor) -> Tensor:

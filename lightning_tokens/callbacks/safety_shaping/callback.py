@@ -14,7 +14,7 @@ from typing_extensions import override
 from lightning_tokens.callbacks.safety_shaping.functional import ChunkPrefix, star_dss_terms
 from lightning_tokens.callbacks.safety_shaping.scores import load_star_scores, star_values_for_batch
 from lightning_tokens.core.errors import ConfigError
-from lightning_tokens.core.loss import _data_weights
+from lightning_tokens.core.loss import data_weights as _data_weights
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
 from lightning_tokens.core.options import check_choice
 from lightning_tokens.core.reference_scores import lookup_reference_nll

@@ -72,6 +72,9 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
         type_hint: prefix prompts with the reference's answer-type hint (off by default: the hint is
             80–130 characters and the same for every example of a domain).
         decontaminate: filter held-out prompts against training (and test against validation).
+        train_format: ``"sft"`` (supervised batches) or ``"prompts"``: training batches also carry the
+            left-padded prompts and the ``answers``/``domains``/``prompts``/``tasks`` lists, what
+            :class:`~lightning_tokens.GRPO` rolls out from and its rewards score.
 
     Example:
         >>> dm = NUPADataModule(tasks="Integer/add", tokenizer="char", num_train=8, num_val=4, num_test=4)
@@ -102,6 +105,7 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
         predict_file: str | None = None,
         type_hint: bool = False,
         decontaminate: bool = True,
+        train_format: Literal["sft", "prompts"] = "sft",
     ) -> None:
         super().__init__()
         task_list = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -120,6 +124,8 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
         for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}.")
+        if train_format not in ("sft", "prompts"):
+            raise ConfigError(f"train_format={train_format!r} must be 'sft' (supervised batches) or 'prompts' (GRPO).")
         if max_length < 2:
             raise ConfigError(f"max_length must be >= 2, got {max_length}.")
         if max_new_tokens is not None and max_new_tokens < 1:
@@ -143,6 +149,7 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
             "predict_file": predict_file,
             "type_hint": type_hint,
             "decontaminate": decontaminate,
+            "train_format": train_format,
         })
         self.tasks = task_list
         self.train_digits = (int(train_digits[0]), int(train_digits[1]))
@@ -157,6 +164,7 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
         self.predict_file = predict_file
         self.type_hint = type_hint
         self.decontaminate = decontaminate
+        self.train_format = train_format
 
         self._tokenizer_arg: str | PreTrainedTokenizerBase | None = tokenizer
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -315,8 +323,10 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches: ``input_ids``, ``attention_mask``, ``labels``, ``example_id``."""
-        return self._loader("train", "train", shuffle=True, batch_size=self.batch_size)
+        """Shuffled training batches: ``input_ids``, ``attention_mask``, ``labels``, ``example_id``; with
+        ``train_format="prompts"`` also the keys of validation batches (prompts and answers, for GRPO)."""
+        mode = "eval" if self.train_format == "prompts" else "train"
+        return self._loader("train", mode, shuffle=True, batch_size=self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches: training keys plus generation inputs and ``answers``/``domains``/``prompts``/``tasks``."""

@@ -1,0 +1,30 @@
+"""Reward functions for reinforcement learning (``GRPO``), TRL's calling convention.
+
+A reward function receives the decoded ``completions`` and ``prompts`` (one entry per completion) and
+every list column of the batch (``answers``, ``domains``...) as keyword arguments, and returns one float
+per completion. :class:`RewardSpec` names one by import path, so YAML can list them; :class:`Rewards`
+calls them, checks what they return, and combines them with their weights.
+
+Built in: :func:`nupa_exact_match` (Number Cookbook exact match through ``nupa_scores``) and
+:class:`FormatReward` (a regular expression the completion must match).
+
+Example:
+    >>> rewards = Rewards([RewardSpec("lightning_tokens.rewards.nupa_exact_match")])
+    >>> result = rewards(["1287", "12"], ["744 + 543 = "] * 2, {"answers": ["1287"] * 2, "domains": ["Integer"] * 2})
+    >>> result.total.tolist()
+    [1.0, 0.0]
+"""
+
+from lightning_tokens.rewards.base import RewardResult, Rewards, RewardSpec, resolve_reward
+from lightning_tokens.rewards.format import FormatReward
+from lightning_tokens.rewards.nupa import nupa_digit_match, nupa_exact_match
+
+__all__ = [
+    "FormatReward",
+    "RewardResult",
+    "RewardSpec",
+    "Rewards",
+    "nupa_digit_match",
+    "nupa_exact_match",
+    "resolve_reward",
+]
