@@ -402,3 +402,27 @@ def test_qlora_nf4_config_fits_the_packaged_model_in_4_bit_with_rho1(cache_env, 
     lora_b = [p for n, p in lm.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # zero-initialised, moved by the two steps
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_grpo_smollm2_lora_config_uses_the_adapter_disabled_base_as_reference(cache_env, tmp_path):
+    import csv
+
+    from lightning_tokens.cli import cli
+
+    source = Path(__file__).parents[2] / "configs" / "grpo_smollm2_lora.yaml"
+    config = tmp_path / "grpo_smollm2_lora.yaml"
+    # plus a dense reward, so that two completions of one prompt always differ and step 0 moves the adapters
+    dense = "    rewards:\n      - function: tests.modules.test_grpo.digit_share\n        weight: 1.0\n"
+    text = source.read_text().replace("runs/grpo_smollm2_lora", str(tmp_path / "run")).replace("    rewards:\n", dense)
+    config.write_text(text)
+    run = cli([
+        "fit", "--config", str(config), "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1", "--model.init_args.num_generations=2",
+        "--data.init_args.batch_size=2", "--model.init_args.max_completion_length=4",
+    ])
+    assert run.trainer.global_step == 2 and run.model.reference_model is None  # no second model
+    rows = list(csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv")))))
+    kls = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
+    # LoRA starts as the identity: the policy is its reference at step 0, and has moved from it at step 1
+    assert len(kls) == 2 and kls[0] == pytest.approx(0.0, abs=1e-6) and kls[1] > 0
+    assert {"train/rewards/nupa_exact_match/mean", "train/rewards/bare_number/mean"} <= set(run.trainer.callback_metrics)
