@@ -2,6 +2,7 @@
 --print_config prints a config that runs as is."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,13 @@ def test_grpo_config_runs_from_an_exported_quickstart(tmp_path):
     assert {"train/reward", "train/loss", "val/exact_match"} <= set(metrics)
     completions = list((tmp_path / "grpo").rglob("completions.jsonl"))
     assert len(completions) == 1 and len(completions[0].read_text().splitlines()) == 2 * 4  # 2 rollouts x 4 samples
+
+    # then the divergence analysis of the README: base = the quickstart export, tuned = the GRPO run's export
+    tuned = tmp_path / "grpo_export"
+    cli(["export", "--config", str(grpo), f"--ckpt_path={tmp_path / 'grpo' / 'checkpoints' / 'last.ckpt'}", f"--output={tuned}"])
+    cli(["divergence", "--config", str(grpo), f"--base={export}", f"--tuned={tuned}", f"--output={tmp_path / 'div'}",
+         "--num_prompts=4", "--max_new_tokens=4", "--data.init_args.num_test=4"])
+    summary = json.loads((tmp_path / "div" / "summary.json").read_text())
+    assert summary["examples"] == 4 and 0 <= summary["mean_js"] <= math.log(2)
+    assert {"accuracy_base", "accuracy_tuned", "accuracy_forward", "accuracy_backward", "near_zero_fraction"} <= set(summary)
+    assert (tmp_path / "div" / "divergence.png").exists() and (tmp_path / "div" / "tokens.csv").exists()

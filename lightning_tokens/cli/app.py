@@ -40,6 +40,7 @@ class TokensCLI(LightningCLI):
             "star_score": {"model", "datamodule"},
             "generic_labels": {"model", "datamodule"},
             "export": {"model", "datamodule"},
+            "divergence": {"model", "datamodule"},
         }
 
     @override

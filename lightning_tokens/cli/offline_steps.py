@@ -89,3 +89,65 @@ def trainer_generic_labels(
         model, datamodule, output, reinforced_adapter, anchors_file, alpha, targets, top_k, seen_penalty,
         device=trainer.strategy.root_device,
     )
+
+
+def trainer_divergence(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    base: str,
+    tuned: str,
+    output: str,
+    num_prompts: int,
+    max_new_tokens: int | None,
+    reward: str,
+    split: Literal["val", "test"],
+    **settings: Any,
+) -> dict[str, float]:
+    """``Trainer.divergence``: load ``base`` and ``tuned`` frozen (the module's vocabulary and dtype), take
+    ``num_prompts`` prompts of the datamodule's ``split``, and write the report to ``output``."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lightning_tokens.analysis import divergence_report
+    from lightning_tokens.core.errors import ConfigError
+    from lightning_tokens.rewards import resolve_reward
+
+    attach_to_trainer(trainer, model, datamodule)
+    load = getattr(model, "load_frozen_causal_lm", None)
+    if load is None:
+        raise ConfigError(f"divergence loads the two models through a TokenLM-like module; got {type(model).__name__}.")
+    device = trainer.strategy.root_device
+    base_model, tuned_model = load(base).to(device), _load_tuned(load, base, tuned).to(device)
+    datamodule.setup("test" if split == "test" else "validate")
+    loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+    if max_new_tokens is None:
+        max_new_tokens = getattr(model, "max_new_tokens", None) or getattr(datamodule, "generation_max_new_tokens", 16)
+    batches, seen = [], 0
+    for batch in loader:
+        if "prompt_input_ids" not in batch:
+            raise ConfigError(f"the {split} batches have no prompt_input_ids: use a datamodule with generation batches (NUPADataModule).")
+        take = min(num_prompts - seen, batch["prompt_input_ids"].shape[0])
+        batches.append({k: (v[:take].to(device) if hasattr(v, "to") else v[:take]) for k, v in batch.items()})
+        seen += take
+        if seen >= num_prompts:
+            break
+    report = divergence_report(
+        base_model, tuned_model, model.tokenizer, batches, resolve_reward(reward)[1], max_new_tokens=int(max_new_tokens), **settings
+    )
+    paths = report.write(output)
+    rank_zero_info(", ".join(f"{k}={v:.4f}" for k, v in report.summary.items()) + f"\nwritten: {', '.join(paths.values())}")
+    return report.summary
+
+
+def _load_tuned(load: Any, base: str, tuned: str) -> Any:
+    """A full model folder, or a peft adapter folder (what ``export`` writes for a LoRA run) merged into a
+    copy of ``base``."""
+    import os
+
+    if not os.path.isfile(os.path.join(tuned, "adapter_config.json")):
+        return load(tuned)
+    from lightning_tokens.modules.lazy_backends import hide_unused_bitsandbytes, import_peft
+
+    with hide_unused_bitsandbytes():
+        merged = import_peft().PeftModel.from_pretrained(load(base), tuned).merge_and_unload()
+    return merged.eval().requires_grad_(False)

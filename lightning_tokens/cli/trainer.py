@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_tokens.callbacks.safety_shaping import ChunkPrefix
-from lightning_tokens.cli.offline_steps import trainer_generic_labels, trainer_score, trainer_star_score
+from lightning_tokens.cli.offline_steps import trainer_divergence, trainer_generic_labels, trainer_score, trainer_star_score
 from lightning_tokens.models.guardrails import Guardrail
 
 
@@ -156,6 +156,53 @@ class TokensTrainer(pl.Trainer):
             chunk_prefix: which prefix scores a chunk (see ``SafetyShaping``).
         """
         trainer_star_score(self, model, datamodule, output, guardrail, chunk_size, chunk_prefix)
+
+    def divergence(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        base: str,
+        tuned: str,
+        output: str = "divergence",
+        num_prompts: int = 64,
+        max_new_tokens: int | None = None,
+        reward: str = "lightning_tokens.rewards.nupa_exact_match",
+        split: Literal["val", "test"] = "test",
+        epsilon: float = 0.05,
+        near_zero: float = 1e-3,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        overlap_k: int = 5,
+        seed: int = 0,
+    ) -> None:
+        """Where a tuned model differs from its base, token by token ("Sparse but Critical", arXiv 2603.22446):
+        JS divergence along the tuned model's samples, top-k overlap, and cross-sampling accuracy. Writes
+        ``summary.json``, ``tokens.csv`` and ``divergence.png`` to ``output``.
+
+        Args:
+            model: the module whose tokenizer (and vocabulary, dtype) the two models use.
+            datamodule: prompts (generation batches) and the reward's columns.
+            base: the base model (local folder, hub id, preset, packaged name).
+            tuned: the tuned model (e.g. a folder written by ``export``).
+            output: the folder to write.
+            num_prompts: prompts taken from ``split``.
+            max_new_tokens: completion length (default: the module's or the datamodule's).
+            reward: import path of the reward function that scores accuracy.
+            split: ``val`` or ``test``.
+            epsilon: cross-sampling threshold on JS (nats).
+            near_zero: positions with JS below it count as unchanged.
+            temperature: sampling temperature (the distributions compared are tempered too).
+            top_k: top-k truncation of both distributions (0: none).
+            top_p: top-p truncation (1: none).
+            overlap_k: k of the top-k overlap.
+            seed: sampling seed (every run of a batch starts from the same one).
+        """
+        trainer_divergence(
+            self, model, datamodule, base, tuned, output, num_prompts, max_new_tokens, reward, split,
+            epsilon=epsilon, near_zero=near_zero, temperature=temperature, top_k=top_k, top_p=top_p,
+            overlap_k=overlap_k, seed=seed,
+        )
 
     def generic_labels(
         self,
