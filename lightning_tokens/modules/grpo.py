@@ -394,7 +394,8 @@ class GRPO(TokenLM):
             sequences = global_sum((keep.sum(-1) > 0).sum().float(), trainer)
             num_seqs = sequences.clamp(min=1) / _replicas(trainer)
         loss = aggregate(per_token, keep, self.loss_agg, self.max_completion_length, num_seqs=num_seqs)
-        return loss, loss.detach()
+        # data parallelism averages the ranks' gradients, so the objective is the mean of the ranks' values
+        return loss, global_sum(loss.detach(), trainer) / _replicas(trainer)
 
     # ---- logging ---------------------------------------------------------------------------------
     def _log_rollout(self, rollout: Rollout, logs: dict[str, Any], mean_loss: Tensor, keep: Tensor) -> None:
@@ -418,11 +419,17 @@ class GRPO(TokenLM):
             self.log(key, value, on_step=True, on_epoch=False)
         self.log("train/loss", mean_loss, prog_bar=True, batch_size=rollout.batch["labels"].shape[0])
 
+    @override
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # on every rank: Trainer.log_dir broadcasts rank 0's folder, a collective the rank-0-only writer cannot call
+        self._samples_dir = self.trainer.log_dir or self.trainer.default_root_dir
+
     @rank_zero_only
     def _write_samples(self, samples: list[dict[str, Any]]) -> None:
-        if not samples or self._trainer is None:
+        folder = getattr(self, "_samples_dir", None)
+        if not samples or folder is None:
             return
-        folder = self.trainer.log_dir or self.trainer.default_root_dir
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "completions.jsonl"), "a", encoding="utf-8") as handle:
             for sample in samples:

@@ -71,7 +71,10 @@ class TrlLossType(NamedTuple):
 #: TRL's ``loss_type`` names for the clipped surrogate (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``) → the verl
 #: aggregation mode and the differences. TRL adds its ``beta``-weighted k3 KL to the per-token loss *before*
 #: aggregating; verl aggregates it separately with the same mode. Both are the same sum, since aggregation
-#: is linear. Every TRL mode except ``dapo`` divides each micro-batch loss by the gradient accumulation steps.
+#: is linear. TRL 1.16 multiplies that k3 by the ratio ``π/π_old`` by default (``use_bias_correction_kl=True``),
+#: which changes the gradient even on-policy; verl and this library add plain k3 (TRL with
+#: ``use_bias_correction_kl=False``; tests/modules/test_grpo_trl.py checks both). Every TRL mode except ``dapo``
+#: divides each micro-batch loss by the gradient accumulation steps.
 TRL_LOSS_TYPES: dict[str, TrlLossType] = {
     "grpo": TrlLossType(
         "seq-mean-token-mean",
