@@ -67,6 +67,7 @@ _EXPORTS = {
     "OptimizerSettings": "lightning_tokens.modules",
     "TokenLM": "lightning_tokens.modules",
     "GRPO": "lightning_tokens.modules",
+    "GRAO": "lightning_tokens.modules",
     "RewardSpec": "lightning_tokens.rewards",
 }
 

@@ -64,6 +64,7 @@ class Rollout:
     truncated: Tensor
     old_logp: Tensor | None = None
     uses_left: int = 1
+    reference_rewards: Tensor | None = None  # GRAO: the reward of each prompt's reference answer
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     def to(self, device: torch.device) -> Rollout:
@@ -313,10 +314,14 @@ class GRPO(TokenLM):
         bias = None if head.bias is None else head.bias / self.temperature
         return hidden / self.temperature, OutputHead(head.weight, bias)
 
-    def _stats(self, batch: dict[str, Tensor], with_entropy: bool, causal_lm: torch.nn.Module | None = None) -> TokenStats:
+    def _stats(
+        self, batch: dict[str, Tensor], with_entropy: bool, causal_lm: torch.nn.Module | None = None, tempered: bool = True
+    ) -> TokenStats:
         hidden = self.hidden_states(batch, causal_lm=causal_lm)
         lm = self.causal_lm if causal_lm is None else causal_lm
-        hidden, head = self._tempered(hidden, OutputHead.from_module(lm.get_output_embeddings()))
+        head = OutputHead.from_module(lm.get_output_embeddings())
+        if tempered:
+            hidden, head = self._tempered(hidden, head)
         return TokenStats(
             batch["labels"], hidden=hidden, head=head, batch=batch, with_entropy=with_entropy,
             backend=self.token_loss_backend,
