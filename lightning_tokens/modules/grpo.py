@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -32,8 +32,7 @@ from lightning_tokens.core.reduction import _replicas, global_sum
 from lightning_tokens.core.reference import ReferenceSettings
 from lightning_tokens.core.seeding import global_seed
 from lightning_tokens.core.stats import OutputHead, TokenStats
-from lightning_tokens.modules.causal_lm import LoRASettings, OptimizerSettings, TokenLM
-from lightning_tokens.modules.quantization import QuantizationMode
+from lightning_tokens.modules.causal_lm import TokenLM
 from lightning_tokens.modules.sharding import gathered_root
 from lightning_tokens.rewards import Rewards, RewardSpec
 from lightning_tokens.rl.advantages import group_advantages
@@ -117,6 +116,8 @@ class GRPO(TokenLM):
             one would have.
         log_completions: how many completions per rollout go to ``completions.jsonl`` in the logger's
             folder (prompt, completion, rewards, advantage), on rank 0; 0 turns it off.
+        **kwargs: :class:`~lightning_tokens.TokenLM`'s arguments (``model``, ``tokenizer``, ``lora``,
+            ``quantization``, ``optimizer``, ``reference``...).
 
     Example::
 
@@ -128,8 +129,6 @@ class GRPO(TokenLM):
 
     def __init__(
         self,
-        model: str = "tiny-llama",
-        tokenizer: str | None = None,
         rewards: list[RewardSpec] | None = None,
         num_generations: int = 8,
         max_completion_length: int = 64,
@@ -148,23 +147,10 @@ class GRPO(TokenLM):
         num_iterations: int = 1,
         rollout_seed: int | None = None,
         log_completions: int = 4,
-        model_config: dict[str, Any] | None = None,
-        lora: LoRASettings | None = None,
-        quantization: QuantizationMode | None = None,
-        optimizer: OptimizerSettings | None = None,
-        dtype: str | None = None,
-        gradient_checkpointing: bool = False,
-        max_new_tokens: int | None = None,
-        generate_in_validation: bool = True,
-        loss_backend: Literal["auto", "torch", "liger"] = "auto",
-        reference: ReferenceSettings | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            model=model, tokenizer=tokenizer, model_config=model_config, lora=lora, quantization=quantization,
-            optimizer=optimizer, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-            max_new_tokens=max_new_tokens, generate_in_validation=generate_in_validation,
-            loss_backend=loss_backend, reference=reference,
-        )
+        super().__init__(**kwargs)
+        reference: ReferenceSettings | None = kwargs.get("reference")
         _check_positive_int("num_generations", num_generations, minimum=2, why="a group of one has no relative advantage")
         _check_positive_int("max_completion_length", max_completion_length)
         _check_positive_int("num_iterations", num_iterations)

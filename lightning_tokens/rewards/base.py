@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -13,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_tokens.core.errors import ConfigError
+from lightning_tokens.core.imports import import_object
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -60,7 +60,10 @@ def resolve_reward(spec: RewardSpec | RewardFn | str) -> tuple[str, RewardFn, fl
         if not callable(spec):
             raise ConfigError(f"a reward must be a RewardSpec, an import path or a callable, got {type(spec).__name__}.")
         return getattr(spec, "__name__", type(spec).__name__), spec, 1.0
-    target = _import(spec.function)
+    try:
+        target = import_object(spec.function)
+    except ConfigError as error:
+        raise ConfigError(f"reward function: {error}") from None
     if inspect.isclass(target):
         try:
             target = target(**spec.kwargs)
@@ -78,22 +81,6 @@ def resolve_reward(spec: RewardSpec | RewardFn | str) -> tuple[str, RewardFn, fl
         raise ConfigError(f"reward {spec.function}: weight={spec.weight} must be a finite number.")
     name = spec.name or spec.function.replace(":", ".").rsplit(".", 1)[-1]
     return name, target, weight
-
-
-def _import(path: str) -> Any:
-    module_name, sep, attribute = path.partition(":")
-    if not sep:
-        module_name, _, attribute = path.rpartition(".")
-    if not module_name or not attribute:
-        raise ConfigError(f"reward function {path!r} must be an import path such as 'my_package.rewards.correct'.")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ConfigError(f"reward function {path!r}: cannot import module {module_name!r} ({error}).") from None
-    try:
-        return getattr(module, attribute)
-    except AttributeError:
-        raise ConfigError(f"reward function {path!r}: module {module_name!r} has no {attribute!r}.") from None
 
 
 class Rewards:

@@ -39,8 +39,8 @@ def test_class_spec_is_built_with_kwargs_and_callables_are_accepted():
     ("spec", "message"),
     [
         (RewardSpec("no_such_module.fn"), "cannot import module 'no_such_module'"),
-        (RewardSpec("lightning_tokens.rewards.no_such_fn"), "has no 'no_such_fn'"),
-        (RewardSpec("count_digits"), "must be an import path"),
+        (RewardSpec("lightning_tokens.rewards.no_such_fn"), "has no attribute 'no_such_fn'"),
+        (RewardSpec("count_digits"), "is not an import path"),
         (RewardSpec("tests.rewards.test_rewards.count_digits", kwargs={"x": 1}), "takes no kwargs"),
         (RewardSpec("lightning_tokens.rewards.FormatReward", kwargs={"bogus": 1}), "kwargs"),
         (RewardSpec("lightning_tokens.rewards.FormatReward", kwargs={"pattern": "("}), "not a valid regular expression"),

@@ -31,7 +31,8 @@ Layout: :mod:`.base` (the :class:`RecordFilter` interface and selection), :mod:`
 importable from this package.
 """
 
-from lightning_tokens.datamodules.filters.base import Record, RecordFilter, import_object, record_texts, select_lowest
+from lightning_tokens.core.imports import import_object
+from lightning_tokens.datamodules.filters.base import Record, RecordFilter, record_texts, select_lowest
 from lightning_tokens.datamodules.filters.branching import (
     BRANCHING_KEYWORDS,
     STEP_PATTERN,

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from lightning_tokens.core.errors import ConfigError
-from lightning_tokens.datamodules.filters.base import Record, import_object, record_texts
+from lightning_tokens.core.imports import import_object
+from lightning_tokens.datamodules.filters.base import Record, record_texts
 
 __all__ = [
     "CallableIndicator",
