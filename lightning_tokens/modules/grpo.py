@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -33,6 +33,7 @@ from lightning_tokens.core.reference import ReferenceSettings
 from lightning_tokens.core.seeding import global_seed
 from lightning_tokens.core.stats import OutputHead, TokenStats
 from lightning_tokens.modules.causal_lm import TokenLM
+from lightning_tokens.modules.rollout_engines import RolloutEngine, VLLMEngine, policy_weights
 from lightning_tokens.modules.sharding import gathered_root
 from lightning_tokens.rewards import Rewards, RewardSpec
 from lightning_tokens.rl.advantages import group_advantages
@@ -116,6 +117,10 @@ class GRPO(TokenLM):
             one would have.
         log_completions: how many completions per rollout go to ``completions.jsonl`` in the logger's
             folder (prompt, completion, rewards, advantage), on rank 0; 0 turns it off.
+        generation_backend: ``hf`` (the policy module generates) or ``vllm`` (vLLM in this process on the
+            same GPU, TRL's colocate mode; CUDA and ``pip install vllm``): the policy's weights, LoRA merged, are
+            synced into it after every optimizer step.
+        vllm: ``vllm.LLM`` settings for ``generation_backend=vllm`` (``gpu_memory_utilization``, ``max_model_len``...).
         **kwargs: :class:`~lightning_tokens.TokenLM`'s arguments (``model``, ``tokenizer``, ``lora``,
             ``quantization``, ``optimizer``, ``reference``...).
 
@@ -147,9 +152,13 @@ class GRPO(TokenLM):
         num_iterations: int = 1,
         rollout_seed: int | None = None,
         log_completions: int = 4,
+        generation_backend: Literal["hf", "vllm"] = "hf",
+        vllm: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if generation_backend not in ("hf", "vllm"):
+            raise ConfigError(f"generation_backend={generation_backend!r} must be 'hf' or 'vllm'.")
         reference: ReferenceSettings | None = kwargs.get("reference")
         _check_positive_int("num_generations", num_generations, minimum=2, why="a group of one has no relative advantage")
         _check_positive_int("max_completion_length", max_completion_length)
@@ -191,6 +200,10 @@ class GRPO(TokenLM):
         self.num_iterations = num_iterations
         self.rollout_seed = rollout_seed
         self.log_completions = log_completions
+        self.generation_backend = generation_backend
+        self.vllm_settings = dict(vllm or {})
+        self.rollout_engine: RolloutEngine | None = None
+        self._engine_stale = True
         self.rollouts_done = 0
         self._rollout: Rollout | None = None
 
@@ -212,6 +225,10 @@ class GRPO(TokenLM):
         if self.rollout_seed is None:
             self.rollout_seed = global_seed()
 
+    def build_rollout_engine(self) -> RolloutEngine:
+        """The external generator of ``generation_backend`` (override to plug in another engine)."""
+        return VLLMEngine(self.model_name, **self.vllm_settings)
+
     # ---- rollouts --------------------------------------------------------------------------------
     def _rollout_seed(self) -> int:
         rank = self.trainer.global_rank if self._trainer is not None else 0
@@ -228,6 +245,8 @@ class GRPO(TokenLM):
         g = self.num_generations
         prompt_ids = batch["prompt_input_ids"].repeat_interleave(g, 0)
         prompt_mask = batch["prompt_attention_mask"].repeat_interleave(g, 0)
+        if self.rollout_engine is not None:
+            return prompt_ids, prompt_mask, self._sample_with_engine(batch, prompt_ids)
         tok = self.tokenizer
         model = self.causal_lm
         was_training = model.training
@@ -251,6 +270,33 @@ class GRPO(TokenLM):
             finally:
                 model.train(was_training)
         return prompt_ids, prompt_mask, generated[:, prompt_ids.shape[1] :]
+
+    def _sample_with_engine(self, batch: dict[str, Any], like: Tensor) -> Tensor:
+        engine = self.rollout_engine
+        assert engine is not None
+        if self._engine_stale:  # the policy changed since the engine last saw it
+            with gathered_root(self):
+                engine.load_weights(policy_weights(self.model))
+            self._engine_stale = False
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+        base = self._rollout_seed()
+        completions = engine.generate(
+            prompts, self.num_generations, self.max_completion_length, self.temperature, self.top_p, self.top_k or 0,
+            seeds=[base + i for i in range(len(prompts))],
+        )
+        if len(completions) != len(prompts) * self.num_generations:
+            raise RuntimeError(f"the rollout engine returned {len(completions)} completions for {len(prompts)} prompts x {self.num_generations}.")
+        width = max(1, min(self.max_completion_length, max(len(c) for c in completions)))
+        out = torch.full((len(completions), width), self.tokenizer.pad_token_id, dtype=like.dtype, device=like.device)
+        for row, ids in enumerate(completions):
+            ids = ids[: self.max_completion_length]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=like.dtype)
+        return out
+
+    @override
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self._engine_stale = True
 
     def rollout(self, batch: dict[str, Any]) -> Rollout:
         """Sample, score and turn rewards into advantages for one prompt batch."""
@@ -415,6 +461,8 @@ class GRPO(TokenLM):
         super().on_fit_start()
         # on every rank: Trainer.log_dir broadcasts rank 0's folder, a collective the rank-0-only writer cannot call
         self._samples_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        if self.generation_backend != "hf" and self.rollout_engine is None:  # after configure_model
+            self.rollout_engine = self.build_rollout_engine()
 
     @rank_zero_only
     def _write_samples(self, samples: list[dict[str, Any]]) -> None:
