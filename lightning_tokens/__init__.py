@@ -48,6 +48,7 @@ _EXPORTS = {
     "FAIT": "lightning_tokens.callbacks",
     "GenericLabels": "lightning_tokens.callbacks",
     "QTuning": "lightning_tokens.callbacks",
+    "OneTokenRollout": "lightning_tokens.callbacks",
     "DivergenceWeightedAdvantage": "lightning_tokens.callbacks",
     "SafetyShaping": "lightning_tokens.callbacks",
     "SSToken": "lightning_tokens.callbacks",

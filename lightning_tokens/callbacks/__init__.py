@@ -9,6 +9,7 @@ package re-exporting its public names.
 from lightning_tokens.callbacks.dft import DFT
 from lightning_tokens.callbacks.divergence_weighting import DivergenceWeightedAdvantage
 from lightning_tokens.callbacks.fait import FAIT
+from lightning_tokens.callbacks.otr import OneTokenRollout
 from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
 from lightning_tokens.callbacks.qtuning import QTuning
 from lightning_tokens.callbacks.resumable_checkpoint import ResumableCheckpoint
@@ -24,6 +25,7 @@ __all__ = [
     "ExcessLossSelection",
     "GenericLabels",
     "JSONLPredictionWriter",
+    "OneTokenRollout",
     "QTuning",
     "ResumableCheckpoint",
     "SSToken",
