@@ -29,6 +29,7 @@ from torch import Tensor
 
 from lightning_tokens.analysis.functional import js_divergence, top_k_overlap, truncate_logprobs
 from lightning_tokens.core.errors import ConfigError
+from lightning_tokens.rewards import reward_columns
 from lightning_tokens.rl.rollout import rollout_rows
 
 __all__ = ["DivergenceReport", "cross_sample", "divergence_report", "trajectory_divergence"]
@@ -237,7 +238,7 @@ def divergence_report(
     example = 0
     for index, batch in enumerate(batches):
         prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-        columns = {k: list(v) for k, v in batch.items() if k != "prompts" and isinstance(v, (list, tuple))}
+        columns = reward_columns(batch)
         runs = {"base": (base, None), "tuned": (tuned, None), "forward": (base, tuned), "backward": (tuned, base)}
         for name, (primary, intermediate) in runs.items():
             generator = torch.Generator(device=prompt_ids.device).manual_seed(seed + index)

@@ -33,6 +33,7 @@ from typing_extensions import override
 
 from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.method import TokenMethod, TokenMethodOutput
+from lightning_tokens.core.options import check_choice
 from lightning_tokens.core.stats import TokenStats
 
 __all__ = ["OneTokenRollout", "otr_loss"]
@@ -93,8 +94,7 @@ def otr_loss(
         >>> round(otr_loss(logits, torch.tensor([0]), beta=-0.1, temperature=1.5).item(), 6)
         0.094858
     """
-    if estimator not in ("exact", "sample"):
-        raise ConfigError(f"estimator={estimator!r} must be 'exact' or 'sample'.")
+    check_choice("otr_loss", "estimator", estimator, ("exact", "sample"))
     if not temperature > 0:
         raise ConfigError(f"temperature={temperature} must be > 0.")
     if not beta < 1:

@@ -25,7 +25,7 @@ from torch import Tensor
 from lightning_tokens.core.distributed import reshard_all
 from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.reference_scores import load_reference_scores, lookup_reference_nll
-from lightning_tokens.core.stats import IGNORE_INDEX, OutputHead, TokenStats
+from lightning_tokens.core.stats import IGNORE_INDEX, OutputHead, TokenStats, tempered
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy
@@ -136,7 +136,9 @@ class ReferenceProvider:
     def setup(self, module: ReferenceHost) -> None:
         """Create what the mode needs; called from ``configure_model``."""
 
-    def stats(self, batch: dict[str, Any], module: ReferenceHost) -> TokenStats | ReferenceStats:
+    def stats(self, batch: dict[str, Any], module: ReferenceHost, temperature: float = 1.0) -> TokenStats | ReferenceStats:
+        """The reference's statistics on ``batch``; ``temperature`` divides its logits (a sampling policy's
+        tempered distribution, as GRPO's KL compares)."""
         raise NotImplementedError
 
     def on_optimizer_step(self, module: ReferenceHost) -> None:
@@ -149,10 +151,14 @@ class ReferenceProvider:
         pass
 
 
-def _frozen_stats(batch: dict[str, Any], hidden: Tensor, head: OutputHead, backend: str) -> TokenStats:
-    """Reference statistics without any autograd graph; the NLL is computed eagerly."""
+def _frozen_stats(
+    batch: dict[str, Any], hidden: Tensor, head: OutputHead, backend: str, temperature: float = 1.0
+) -> TokenStats:
+    """Reference statistics without any autograd graph, of the logits divided by ``temperature``; the NLL is
+    computed eagerly."""
     head = OutputHead(head.weight.detach(), None if head.bias is None else head.bias.detach())
-    stats = TokenStats(batch["labels"], hidden=hidden.detach(), head=head, batch=batch, backend=backend)
+    hidden, head = tempered(hidden.detach(), head, temperature)
+    stats = TokenStats(batch["labels"], hidden=hidden, head=head, batch=batch, backend=backend)
     with torch.no_grad():
         stats.nll  # noqa: B018 - computed and cached now, under no_grad
     return stats
@@ -164,10 +170,10 @@ class AdapterDisabledReference(ReferenceProvider):
     def __init__(self, settings: ReferenceSettings) -> None:
         self.settings = settings
 
-    def stats(self, batch: dict[str, Any], module: ReferenceHost) -> TokenStats:
+    def stats(self, batch: dict[str, Any], module: ReferenceHost, temperature: float = 1.0) -> TokenStats:
         with torch.no_grad(), module.model.disable_adapter():
             hidden = module.hidden_states(batch)
-        return _frozen_stats(batch, hidden, module.output_head(), module.token_loss_backend)
+        return _frozen_stats(batch, hidden, module.output_head(), module.token_loss_backend, temperature)
 
 
 class ModelReference(ReferenceProvider):
@@ -183,12 +189,13 @@ class ModelReference(ReferenceProvider):
         settings = self.settings
         module.reference_model = module.load_frozen_causal_lm(settings.model, settings.model_config, settings.quantization)
 
-    def stats(self, batch: dict[str, Any], module: ReferenceHost) -> TokenStats:
+    def stats(self, batch: dict[str, Any], module: ReferenceHost, temperature: float = 1.0) -> TokenStats:
         model = module.reference_model
         model.eval()  # Lightning's train() calls reach submodules; the reference stays in eval mode
         with torch.no_grad():
             hidden = module.hidden_states(batch, causal_lm=model)
-        return _frozen_stats(batch, hidden, OutputHead.from_module(model.get_output_embeddings()), module.token_loss_backend)
+        head = OutputHead.from_module(model.get_output_embeddings())
+        return _frozen_stats(batch, hidden, head, module.token_loss_backend, temperature)
 
 
 class EMAReference(ReferenceProvider):
@@ -237,7 +244,7 @@ class EMAReference(ReferenceProvider):
         return params
 
     @torch.no_grad()
-    def stats(self, batch: dict[str, Any], module: ReferenceHost) -> TokenStats:
+    def stats(self, batch: dict[str, Any], module: ReferenceHost, temperature: float = 1.0) -> TokenStats:
         params = self.match_layout(module)
         live = {name: p.detach().clone() for name, p in params.items()}
         reshard_all(module)  # an FSDP2 root still gathered from an earlier forward would ignore the swap
@@ -245,7 +252,7 @@ class EMAReference(ReferenceProvider):
             for name, p in params.items():
                 p.copy_(self.average[name])
             hidden = module.hidden_states(batch)
-            stats = _frozen_stats(batch, hidden, module.output_head(), module.token_loss_backend)
+            stats = _frozen_stats(batch, hidden, module.output_head(), module.token_loss_backend, temperature)
         finally:
             reshard_all(module)
             for name, p in params.items():
@@ -290,7 +297,12 @@ class OfflineReference(ReferenceProvider):
         if self.scores is None:
             self.scores = load_reference_scores(self.settings.scores_file)
 
-    def stats(self, batch: dict[str, Any], module: ReferenceHost) -> ReferenceStats:
+    def stats(self, batch: dict[str, Any], module: ReferenceHost, temperature: float = 1.0) -> ReferenceStats:
+        if temperature != 1.0:
+            raise ConfigError(
+                f"reference.mode=offline holds the losses of untempered logits; temperature={temperature} needs a "
+                "reference that runs: adapter_disabled, model or ema."
+            )
         if self.scores is None:
             self.setup(module)
         nll = lookup_reference_nll(self.scores, batch, self.settings.scores_file)

@@ -46,6 +46,21 @@ class OutputHead:
         return cls(weight, getattr(head, "bias", None))
 
 
+def tempered(hidden: Tensor, head: OutputHead, temperature: float) -> tuple[Tensor, OutputHead]:
+    """``hidden`` and ``head`` whose logits are ``(hidden @ W.T + b) / temperature``: the hidden states and the
+    bias are divided, the weight is shared. Temperature 1 returns both unchanged.
+
+    Example:
+        >>> h, head = tempered(torch.ones(1, 2), OutputHead(torch.eye(2), torch.ones(2)), 2.0)
+        >>> (h @ head.weight.T + head.bias).tolist()
+        [[1.0, 1.0]]
+    """
+    if temperature == 1.0:
+        return hidden, head
+    bias = None if head.bias is None else head.bias / temperature
+    return hidden / temperature, OutputHead(head.weight, bias)
+
+
 @dataclass
 class TokenStats:
     """Lazily computed per-token statistics of the current model on one batch.

@@ -11,13 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.method import token_methods
 from lightning_tokens.modules.grpo import GRPO, Rollout
+from lightning_tokens.rewards import reward_columns
 from lightning_tokens.rl.grao import grao_objective, sequence_log_likelihood
+from lightning_tokens.rl.rollout import rollout_rows
 
 __all__ = ["GRAO"]
 
@@ -81,25 +84,20 @@ class GRAO(GRPO):
         rollout = super().rollout(batch)
         tok = self.tokenizer
         answers = [str(a) for a in batch[self.reference_column]]
-        answer_ids = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in answers]
-        prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
-        columns = {k: list(v) for k, v in batch.items() if k != "prompts" and isinstance(v, (list, tuple)) and len(v) == len(answers)}
         assert self.rewards is not None
-        rollout.reference_rewards = self.rewards(answers, list(batch["prompts"]), columns).total
-        rows = rollout.batch
-        width = max(rows["input_ids"].shape[1], max(len(p) + len(a) for p, a in zip(prompts, answer_ids)))
-        pad = tok.pad_token_id
-        extra = {name: torch.full((len(answers), width), value, dtype=rows[name].dtype)
-                 for name, value in (("input_ids", pad), ("attention_mask", 0), ("labels", -100))}
-        for i, (p, a) in enumerate(zip(prompts, answer_ids)):
-            extra["input_ids"][i, : len(p) + len(a)] = torch.tensor(p + a)
-            extra["attention_mask"][i, : len(p) + len(a)] = 1
-            extra["labels"][i, len(p) : len(p) + len(a)] = torch.tensor(a)
-        grow = width - rows["input_ids"].shape[1]
-        fill = {"input_ids": pad, "attention_mask": 0, "labels": -100}
+        rollout.reference_rewards = self.rewards(answers, list(batch["prompts"]), reward_columns(batch)).total
+        # the reference answers (eos appended) are completions of their prompts, joined the same way
+        answer_ids = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in answers]
+        width = max(len(a) for a in answer_ids)
+        padded = torch.tensor([a + [tok.pad_token_id] * (width - len(a)) for a in answer_ids])
+        prompt_ids, prompt_mask = batch["prompt_input_ids"].cpu(), batch["prompt_attention_mask"].cpu()
+        reference = rollout_rows(prompt_ids, prompt_mask, padded, tok.eos_token_id, tok.pad_token_id)
+        fill = {"input_ids": tok.pad_token_id, "attention_mask": 0, "labels": -100}
+        samples = rollout.batch
+        width = max(samples["input_ids"].shape[1], reference.input_ids.shape[1])
         rollout.batch = {
-            name: torch.cat([torch.nn.functional.pad(rows[name].cpu(), (0, grow), value=fill[name]), extra[name]])
-            for name in ("input_ids", "attention_mask", "labels")
+            name: torch.cat([F.pad(rows.cpu(), (0, width - rows.shape[1]), value=fill[name]) for rows in (samples[name], getattr(reference, name))])
+            for name in fill
         }
         return rollout
 

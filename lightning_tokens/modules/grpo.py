@@ -28,17 +28,27 @@ from lightning_tokens.core.distributed import mean_over_ranks
 from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.loss import data_weights, run_token_methods
 from lightning_tokens.core.method import BatchTokenMethod, TokenMethod, token_methods
+from lightning_tokens.core.options import check_choice
 from lightning_tokens.core.reduction import _replicas, global_sum
 from lightning_tokens.core.reference import ReferenceSettings
 from lightning_tokens.core.seeding import global_seed
 from lightning_tokens.core.stats import OutputHead, TokenStats
+from lightning_tokens.core.stats import tempered as tempered_head
 from lightning_tokens.modules.causal_lm import TokenLM
 from lightning_tokens.modules.rollout_engines import RolloutEngine, VLLMEngine, policy_weights
 from lightning_tokens.modules.sharding import gathered_root
-from lightning_tokens.rewards import Rewards, RewardSpec
+from lightning_tokens.rewards import Rewards, RewardSpec, reward_columns
 from lightning_tokens.rl.advantages import group_advantages
-from lightning_tokens.rl.losses import AGG_MODES, KL_KINDS, TRL_LOSS_TYPES, aggregate, kl_penalty, policy_loss_per_token
-from lightning_tokens.rl.rollout import rollout_rows
+from lightning_tokens.rl.losses import (
+    AGG_MODES,
+    KL_KINDS,
+    TRL_LOSS_TYPES,
+    aggregate,
+    kl_penalty,
+    masked_mean,
+    policy_loss_per_token,
+)
+from lightning_tokens.rl.rollout import rollout_rows, unpadded
 
 # checkpoints store the reward specs in hparams; allow them under torch.load(weights_only=True)
 torch.serialization.add_safe_globals([RewardSpec])
@@ -157,8 +167,7 @@ class GRPO(TokenLM):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if generation_backend not in ("hf", "vllm"):
-            raise ConfigError(f"generation_backend={generation_backend!r} must be 'hf' or 'vllm'.")
+        check_choice("GRPO", "generation_backend", generation_backend, ("hf", "vllm"))
         reference: ReferenceSettings | None = kwargs.get("reference")
         _check_positive_int("num_generations", num_generations, minimum=2, why="a group of one has no relative advantage")
         _check_positive_int("max_completion_length", max_completion_length)
@@ -173,10 +182,8 @@ class GRPO(TokenLM):
         for name, value in (("beta", beta), ("entropy_coef", entropy_coef), ("advantage_eps", advantage_eps)):
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name}={value} must be a finite number >= 0.")
-        if kl_kind.rstrip("+") not in KL_KINDS:
-            raise ConfigError(f"kl_kind={kl_kind!r} must be one of {KL_KINDS} (optionally with '+').")
-        if loss_agg not in AGG_MODES + tuple(TRL_LOSS_TYPES):
-            raise ConfigError(f"loss_agg={loss_agg!r} must be one of {AGG_MODES + tuple(TRL_LOSS_TYPES)}.")
+        check_choice("GRPO", "kl_kind", kl_kind, KL_KINDS + tuple(kind + "+" for kind in KL_KINDS))
+        check_choice("GRPO", "loss_agg", loss_agg, AGG_MODES + tuple(TRL_LOSS_TYPES))
         if beta > 0 and reference is None:
             raise ConfigError(
                 f"beta={beta} weighs a KL to the reference, but no `reference` is configured: set reference: "
@@ -278,7 +285,7 @@ class GRPO(TokenLM):
             with gathered_root(self):
                 engine.load_weights(policy_weights(self.model))
             self._engine_stale = False
-        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+        prompts = unpadded(batch["prompt_input_ids"], batch["prompt_attention_mask"])
         base = self._rollout_seed()
         completions = engine.generate(
             prompts, self.num_generations, self.max_completion_length, self.temperature, self.top_p, self.top_k or 0,
@@ -308,7 +315,7 @@ class GRPO(TokenLM):
         )
         g = self.num_generations
         prompts = [p for p in batch["prompts"] for _ in range(g)]
-        columns = {k: [v for v in values for _ in range(g)] for k, values in _list_columns(batch).items()}
+        columns = reward_columns(batch, repeat=g)
         assert self.rewards is not None
         result = self.rewards(completions, prompts, columns)
         groups = torch.arange(len(batch["prompts"])).repeat_interleave(g)
@@ -340,12 +347,6 @@ class GRPO(TokenLM):
         return rollout.to(self.device)
 
     # ---- loss ------------------------------------------------------------------------------------
-    def _tempered(self, hidden: Tensor, head: OutputHead) -> tuple[Tensor, OutputHead]:
-        if self.temperature == 1.0:
-            return hidden, head
-        bias = None if head.bias is None else head.bias / self.temperature
-        return hidden / self.temperature, OutputHead(head.weight, bias)
-
     def _stats(
         self, batch: dict[str, Tensor], with_entropy: bool, causal_lm: torch.nn.Module | None = None, tempered: bool = True
     ) -> TokenStats:
@@ -353,7 +354,7 @@ class GRPO(TokenLM):
         lm = self.causal_lm if causal_lm is None else causal_lm
         head = OutputHead.from_module(lm.get_output_embeddings())
         if tempered:
-            hidden, head = self._tempered(hidden, head)
+            hidden, head = tempered_head(hidden, head, self.temperature)
         return TokenStats(
             batch["labels"], hidden=hidden, head=head, batch=batch, with_entropy=with_entropy,
             backend=self.token_loss_backend,
@@ -361,12 +362,7 @@ class GRPO(TokenLM):
 
     def _reference_logp(self, batch: dict[str, Tensor]) -> Tensor:
         assert self.reference is not None
-        ref = self.reference.stats(batch, self)
-        if self.temperature == 1.0 or getattr(ref, "hidden", None) is None:
-            return -ref.nll.detach()
-        hidden, head = self._tempered(ref.hidden, ref.head)
-        with torch.no_grad():
-            return -TokenStats(batch["labels"], hidden=hidden, head=head, batch=batch, backend=self.token_loss_backend).nll
+        return -self.reference.stats(batch, self, temperature=self.temperature).nll.detach()
 
     def objective(self, rollout: Rollout, methods: Sequence[TokenMethod] = ()) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The per-token GRPO objective of a rollout under the current policy, before reduction.
@@ -399,10 +395,10 @@ class GRPO(TokenLM):
         if ref_logp is not None:
             kl = kl_penalty(logp, ref_logp, self.kl_kind)
             per_token = per_token + self.beta * kl
-            logs["train/kl"] = _masked_mean(kl.detach(), keep)
+            logs["train/kl"] = masked_mean(kl.detach(), keep)
         if stats.with_entropy:
             entropy = stats.entropy
-            logs["train/entropy"] = _masked_mean(entropy.detach(), keep)
+            logs["train/entropy"] = masked_mean(entropy.detach(), keep)
             if self.entropy_coef > 0:
                 per_token = per_token - self.entropy_coef * entropy
         if outcome.extra_loss is not None:
@@ -517,17 +513,4 @@ def _check_prompt_batch(batch: dict[str, Any]) -> None:
     n = batch["prompt_input_ids"].shape[0]
     if len(batch["prompts"]) != n:
         raise ConfigError(f"the batch has {n} prompt_input_ids rows but {len(batch['prompts'])} prompts.")
-
-
-def _list_columns(batch: dict[str, Any]) -> dict[str, list[Any]]:
-    """The batch's per-prompt list columns (``answers``, ``domains``...), the reward functions' keywords."""
-    n = len(batch["prompts"])
-    return {
-        key: list(value) for key, value in batch.items()
-        if key != "prompts" and isinstance(value, (list, tuple)) and len(value) == n
-    }
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
 

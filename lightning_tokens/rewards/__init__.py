@@ -15,7 +15,7 @@ Example:
     [1.0, 0.0]
 """
 
-from lightning_tokens.rewards.base import RewardResult, Rewards, RewardSpec, resolve_reward
+from lightning_tokens.rewards.base import RewardResult, Rewards, RewardSpec, resolve_reward, reward_columns
 from lightning_tokens.rewards.format import FormatReward
 from lightning_tokens.rewards.nupa import nupa_digit_match, nupa_exact_match
 
@@ -27,4 +27,5 @@ __all__ = [
     "nupa_digit_match",
     "nupa_exact_match",
     "resolve_reward",
+    "reward_columns",
 ]

@@ -128,6 +128,21 @@ class Rewards:
         return RewardResult(total=total, per_function=per_function)
 
 
+def reward_columns(batch: Mapping[str, Any], repeat: int = 1) -> dict[str, list[Any]]:
+    """The batch's per-prompt list columns (``answers``, ``domains``...), which reward functions receive as
+    keywords, each entry repeated ``repeat`` times (one per completion of a prompt).
+
+    Example:
+        >>> reward_columns({"prompts": ["a", "b"], "answers": ["1", "2"], "input_ids": None}, repeat=2)
+        {'answers': ['1', '1', '2', '2']}
+    """
+    n = len(batch["prompts"])
+    return {
+        key: [v for v in value for _ in range(repeat)] for key, value in batch.items()
+        if key != "prompts" and isinstance(value, (list, tuple)) and len(value) == n
+    }
+
+
 def _check_values(name: str, values: Any, completions: list[str], prompts: list[str]) -> Tensor:
     try:
         values = list(values)

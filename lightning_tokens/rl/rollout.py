@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lightning_tokens.core.errors import ConfigError
 
-__all__ = ["RolloutRows", "completion_mask", "rollout_rows"]
+__all__ = ["RolloutRows", "completion_mask", "rollout_rows", "unpadded"]
 
 
 def completion_mask(completion_ids: Tensor, eos_token_id: int | None) -> Tensor:
@@ -38,6 +38,16 @@ def completion_mask(completion_ids: Tensor, eos_token_id: int | None) -> Tensor:
     # positions strictly after the first eos: an eos occurred earlier in the row
     after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     return ~after
+
+
+def unpadded(ids: Tensor, mask: Tensor) -> list[list[int]]:
+    """Each row's tokens without its padding (``mask`` 0), as lists: prompts as generation engines take them.
+
+    Example:
+        >>> unpadded(torch.tensor([[0, 3, 4], [5, 6, 7]]), torch.tensor([[0, 1, 1], [1, 1, 1]]))
+        [[3, 4], [5, 6, 7]]
+    """
+    return [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
 
 
 @dataclass

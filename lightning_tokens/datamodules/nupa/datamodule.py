@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_tokens.core.errors import ConfigError
+from lightning_tokens.core.options import check_choice
 from lightning_tokens.core.seeding import SeedOption
 from lightning_tokens.datamodules.nupa.dataset import NUPACollator, NUPADataset, _read_prompts
 from lightning_tokens.datamodules.nupa.tasks import (
@@ -124,8 +125,8 @@ class NUPADataModule(ResumableDataMixin, L.LightningDataModule):
         for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}.")
-        if train_format not in ("sft", "prompts"):
-            raise ConfigError(f"train_format={train_format!r} must be 'sft' (supervised batches) or 'prompts' (GRPO).")
+        check_choice("NUPADataModule", "train_format", train_format, ("sft", "prompts"),
+                     " (supervised batches, or prompts for GRPO)")
         if max_length < 2:
             raise ConfigError(f"max_length must be >= 2, got {max_length}.")
         if max_new_tokens is not None and max_new_tokens < 1:
