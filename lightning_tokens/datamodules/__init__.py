@@ -1,6 +1,7 @@
 """LightningDataModules, one per data source: ``sft/`` (your JSONL / JSON / CSV files), ``nupa/`` (Number
 Cookbook tasks generated in code), ``filters/`` (record filters for data selection), ``sampling.py``
-(resumable shuffling)."""
+(resumable shuffling), ``visual_qa/`` (image question answering: your files, or a GVTBench-style benchmark
+generated in code)."""
 
 from lightning_tokens.datamodules.nupa import (
     NUPA_TASKS,
@@ -23,8 +24,28 @@ from lightning_tokens.datamodules.sft import (
     packed_attention_mask,
     stable_example_id,
 )
+from lightning_tokens.datamodules.visual_qa import (
+    BENCHMARK_TASKS,
+    VisionTextProcessor,
+    VisualQACollator,
+    VisualQADataError,
+    VisualQADataModule,
+    VisualQADataset,
+    VisualQAExample,
+    generate_benchmark_split,
+    read_visual_qa_file,
+)
 
 __all__ = [
+    "BENCHMARK_TASKS",
+    "VisionTextProcessor",
+    "VisualQACollator",
+    "VisualQADataError",
+    "VisualQADataModule",
+    "VisualQADataset",
+    "VisualQAExample",
+    "generate_benchmark_split",
+    "read_visual_qa_file",
     "BranchingDensityFilter",
     "FALLBACK_CHAT_TEMPLATE",
     "InstructMiningFilter",

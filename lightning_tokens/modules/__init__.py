@@ -3,5 +3,15 @@
 from lightning_tokens.modules.causal_lm import LoRASettings, OptimizerSettings, TokenLM
 from lightning_tokens.modules.grao import GRAO
 from lightning_tokens.modules.grpo import GRPO
+from lightning_tokens.modules.vision_language import ResamplerSettings, VisionLanguageLM, VisionSettings
 
-__all__ = ["GRAO", "GRPO", "LoRASettings", "OptimizerSettings", "TokenLM"]
+__all__ = [
+    "GRAO",
+    "GRPO",
+    "LoRASettings",
+    "OptimizerSettings",
+    "ResamplerSettings",
+    "TokenLM",
+    "VisionLanguageLM",
+    "VisionSettings",
+]

@@ -1,0 +1,377 @@
+"""`VisionLanguageLM`: images as continuous tokens in a language model, trained through the token-loss
+pipeline (GVT, "What Makes for Good Visual Tokenizers for Large Language Models?", arXiv 2305.12223).
+
+Two ways to build it, both ending in the language model's final hidden states and output head, so the
+loss is the library's fused token loss on the answer tokens and every text token method applies as is:
+
+- **GVT composition** (``model:`` a causal LM: a preset, the packaged SmolLM2, a local folder or hub id): a
+  frozen visual tokenizer (:func:`~lightning_tokens.models.vision.build_vision_encoder`: the offline
+  ImageNet MobileNetV2 by default, any timm model, or a distilled GVT student) → LayerNorm → Perceiver
+  resampler (``num_latents`` tokens) → ``Linear`` to the LM's width; the visual tokens replace the
+  embeddings of the placeholders of ``<Img>`` + ``num_latents × <image>`` + ``</Img>`` in the prompt. The
+  resampler and projections train; the LM is frozen, LoRA-adapted, or trained (``train_language_model``).
+- **Hugging Face vision-language models** (``model:`` an image-text-to-text model: ``tiny-qwen2-vl`` built
+  from config, or a local folder / hub id of Qwen2-VL, Qwen2.5-VL, Idefics3 / SmolVLM, LLaVA), with the
+  model's own processor and chat template; its vision tower stays frozen, its projector trains.
+
+Example::
+
+    model = VisionLanguageLM(model="tiny-llama", tokenizer="char",
+                             vision=VisionSettings(name="mobilenet_v2"), resampler=ResamplerSettings(num_latents=8))
+    trainer = L.Trainer(max_steps=100, callbacks=[DFT()])
+    trainer.fit(model, datamodule=VisualQADataModule(benchmark=True))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_tokens.core.errors import ConfigError
+from lightning_tokens.core.reference import ReferenceSettings
+from lightning_tokens.layers.resampler import PerceiverResampler
+from lightning_tokens.modules.causal_lm import (
+    EMBEDDING_MIX,
+    LoRASettings,
+    OptimizerSettings,
+    TokenLM,
+    _add_lora,
+    mix_input_embeddings,
+)
+from lightning_tokens.modules.quantization import QuantizationMode, bnb_config
+from lightning_tokens.modules.sharding import gathered_root
+from lightning_tokens.modules.visual_inputs import GVTProcessor, HFVisionTextProcessor, splice_visual_tokens
+
+
+@dataclass
+class VisionSettings:
+    """The frozen visual tokenizer of the GVT composition (see :func:`~lightning_tokens.models.vision.build_vision_encoder`).
+
+    Attributes:
+        name: ``mobilenet_v2`` (offline ImageNet weights, standing in for a CLIP tower) or a timm model name.
+        pretrained: load pretrained weights (offline only for ``mobilenet_v2``).
+        image_size: input side in pixels; ``None`` keeps the backbone's default.
+        checkpoint: a local timm checkpoint, e.g. a student saved by ``VisualTokenizerDistillation``.
+        overrides: extra ``timm.create_model`` arguments (``patch_size``, ``depth``...).
+    """
+
+    name: str = "mobilenet_v2"
+    pretrained: bool = True
+    image_size: int | None = None
+    checkpoint: str | None = None
+    overrides: dict[str, Any] | None = None
+
+
+@dataclass
+class ResamplerSettings:
+    """The Perceiver resampler (GVT: 32 latents, depth 6, 16 heads of 96, feed-forward ×4).
+
+    Attributes:
+        num_latents: visual tokens per image (placeholders in the prompt).
+        depth: resampler layers.
+        heads: attention heads.
+        dim_head: width per head.
+        ff_mult: feed-forward expansion.
+        dim: resampler width; ``None`` = the vision features' width (GVT), else a ``Linear`` maps to it first.
+    """
+
+    num_latents: int = 32
+    depth: int = 6
+    heads: int = 16
+    dim_head: int = 96
+    ff_mult: int = 4
+    dim: int | None = None
+
+
+torch.serialization.add_safe_globals([VisionSettings, ResamplerSettings])
+
+#: Batch keys that carry images (and their layout) to the model, besides ``input_ids``.
+_IMAGE_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "mm_token_type_ids")
+#: Modules of Hugging Face VLMs that map vision features to the LM (they train when the LM is frozen).
+_PROJECTOR_NAMES = ("merger", "multi_modal_projector", "connector")
+
+
+class VisualConnector(nn.Module):
+    """Vision features ``(B, N, C)`` → ``(B, num_latents, lm_width)``: LayerNorm (GVT's ``ln_vision``) →
+    optional width change → Perceiver resampler → ``Linear`` to the language model (GVT's ``llm_proj``)."""
+
+    def __init__(self, features: int, lm_width: int, settings: ResamplerSettings) -> None:
+        super().__init__()
+        dim = settings.dim or features
+        self.norm = nn.LayerNorm(features)
+        self.input_proj = nn.Linear(features, dim) if dim != features else nn.Identity()
+        self.resampler = PerceiverResampler(
+            dim, settings.depth, settings.heads, settings.dim_head, settings.num_latents, settings.ff_mult
+        )
+        self.proj = nn.Linear(dim, lm_width)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.proj(self.resampler(self.input_proj(self.norm(features))))
+
+
+class VisionLanguageLM(TokenLM):
+    """A vision-language model on the token-loss pipeline (GVT composition or a Hugging Face VLM).
+
+    Batches come from its :attr:`processor` (``VisualQADataModule`` uses it): ``input_ids`` with image
+    placeholders, ``labels`` on the answer only, ``pixel_values`` (+ model-specific image keys), and the
+    left-padded ``prompt_*`` keys for generation. Everything else (LoRA, 4-bit loading, references for
+    Rho-1 and friends, validation by generation with the datamodule's metrics, predictions, DDP / FSDP2,
+    checkpoints) is :class:`~lightning_tokens.modules.causal_lm.TokenLM`'s.
+
+    Args:
+        model: a causal LM for the GVT composition (preset, packaged, local, hub) or an image-text-to-text
+            model (``tiny-qwen2-vl``, a local folder or hub id).
+        tokenizer: the LM's tokenizer (GVT composition; required for presets); HF VLMs use their processor's.
+        vision: the frozen visual tokenizer (GVT composition only).
+        resampler: the resampler's size (GVT composition only).
+        train_language_model: train the language model's weights too (without LoRA); by default it is
+            frozen and only the connector (resampler + projections, or an HF VLM's projector) and LoRA train.
+        model_config, lora, quantization, optimizer, dtype, gradient_checkpointing, max_new_tokens,
+            generate_in_validation, loss_backend, reference: as in :class:`TokenLM`.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny-llama",
+        tokenizer: str | None = None,
+        vision: VisionSettings | None = None,
+        resampler: ResamplerSettings | None = None,
+        train_language_model: bool = False,
+        model_config: dict[str, Any] | None = None,
+        lora: LoRASettings | None = None,
+        quantization: QuantizationMode | None = None,
+        optimizer: OptimizerSettings | None = None,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        max_new_tokens: int | None = None,
+        generate_in_validation: bool = True,
+        loss_backend: Literal["auto", "torch", "liger"] = "auto",
+        reference: ReferenceSettings | None = None,
+    ) -> None:
+        from lightning_tokens.models.vision_language import is_vision_language_model
+
+        self._hf_vlm = is_vision_language_model(model)
+        if self._hf_vlm and tokenizer is None:
+            tokenizer = model  # its processor's tokenizer; keeps TokenLM's "presets need a tokenizer" check quiet
+        super().__init__(
+            model=model,
+            tokenizer=tokenizer,
+            model_config=model_config,
+            lora=lora,
+            quantization=quantization,
+            optimizer=optimizer,
+            dtype=dtype,
+            gradient_checkpointing=gradient_checkpointing,
+            max_new_tokens=max_new_tokens,
+            generate_in_validation=generate_in_validation,
+            loss_backend=loss_backend,
+            reference=reference,
+        )
+        if self._hf_vlm and (vision is not None or resampler is not None):
+            raise ConfigError(
+                f"model={model!r} is a Hugging Face vision-language model with its own vision tower: `vision` and "
+                "`resampler` configure the GVT composition only; remove them."
+            )
+        self.vision_settings = vision or VisionSettings()
+        self.resampler_settings = resampler or ResamplerSettings()
+        self.train_language_model = train_language_model
+        self.vision_encoder: nn.Module | None = None
+        self.connector: VisualConnector | None = None
+        self._processor: GVTProcessor | HFVisionTextProcessor | None = None
+
+    # ---- construction ----------------------------------------------------------------------------
+    @property
+    def is_hf_vision_language_model(self) -> bool:
+        return self._hf_vlm
+
+    @property
+    def processor(self) -> GVTProcessor | HFVisionTextProcessor:
+        """What turns (images, questions, answers) into this model's batches (see :mod:`~lightning_tokens.modules.visual_inputs`)."""
+        if self._processor is None:
+            if self._hf_vlm:
+                from lightning_tokens.models.vision_language import build_processor
+
+                self._processor = HFVisionTextProcessor(build_processor(self.model_name))
+            else:
+                from lightning_tokens.models.tokenizers import resolve_tokenizer
+
+                encoder = self._build_vision_encoder()
+                self._processor = GVTProcessor(
+                    resolve_tokenizer(self.tokenizer_name), encoder.transform, self.resampler_settings.num_latents
+                )
+        return self._processor
+
+    @property
+    @override
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def _build_vision_encoder(self) -> nn.Module:
+        if self.vision_encoder is None:
+            from lightning_tokens.models.vision import build_vision_encoder
+
+            s = self.vision_settings
+            encoder = build_vision_encoder(s.name, s.pretrained, s.image_size, s.checkpoint, s.overrides)
+            self.vision_encoder = encoder.eval().requires_grad_(False)
+        return self.vision_encoder
+
+    @override
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        if self._hf_vlm:
+            self._configure_hf_model()
+            return
+        self._build_vision_encoder()
+        super().configure_model()
+        width = self.causal_lm.get_input_embeddings().weight.shape[1]
+        self.connector = VisualConnector(self.vision_encoder.num_features, width, self.resampler_settings)
+
+    @override
+    def prepare_language_model(self, model: nn.Module) -> nn.Module:
+        """Room for the image tokens in the vocabulary (new rows: the mean embedding); frozen unless trained."""
+        if model.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
+            model.resize_token_embeddings(len(self.tokenizer), mean_resizing=True)
+        if self.lora is None and not self.train_language_model:
+            model.requires_grad_(False)
+        return model
+
+    def _configure_hf_model(self) -> None:
+        from lightning_tokens.models.vision_language import load_vision_language_model
+
+        dtype = getattr(torch, self.dtype_name) if self.dtype_name else None
+        quantization = bnb_config(self.quantization, dtype) if self.quantization else None
+        model = load_vision_language_model(self.model_name, self.processor.processor, self.model_config, dtype, quantization)
+        model.train()
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if self.lora is None and not self.train_language_model:
+            model.requires_grad_(False)
+            for name, module in model.named_modules():
+                if name.split(".")[-1] in _PROJECTOR_NAMES:
+                    module.requires_grad_(True)
+        else:
+            vision = getattr(getattr(model, "model", model), "visual", None) or getattr(
+                getattr(model, "model", model), "vision_tower", None
+            )
+            if vision is not None:
+                vision.requires_grad_(False)
+        if self.lora is not None:
+            model = _add_lora(model, _language_model_lora(self.lora), quantized=self.quantization is not None)
+        self.model = model
+        if self.reference is not None:
+            self.reference.setup(self)
+
+    @override
+    def train(self, mode: bool = True) -> VisionLanguageLM:
+        super().train(mode)
+        if self.vision_encoder is not None:
+            self.vision_encoder.eval()  # frozen, batch-norm statistics included
+        return self
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def visual_tokens(self, pixel_values: Tensor) -> Tensor:
+        """``(M, num_latents, lm_width)`` visual tokens of ``M`` images (GVT composition)."""
+        with torch.no_grad():
+            features = self.vision_encoder(pixel_values)
+        return self.connector(features.to(self.connector.proj.weight.dtype))
+
+    @override
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        causal_lm: nn.Module | None = None,
+        embedding_mix: dict[str, Tensor] | None = None,
+        pixel_values: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Final hidden states ``(B, T, D)``, images spliced in (see :class:`TokenLM.forward`)."""
+        lm = self.causal_lm if causal_lm is None else causal_lm
+        if self._hf_vlm:
+            if embedding_mix is not None:
+                raise ConfigError(
+                    "input-embedding mixing (Intuitive Fine-Tuning) is not available for Hugging Face "
+                    "vision-language models, which embed their own inputs: use the GVT composition."
+                )
+            inner = getattr(lm, "model", lm)
+            out = inner(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=False, **kwargs)
+            return out.last_hidden_state
+        embeds = self.input_embeddings(input_ids, pixel_values, lm, embedding_mix)
+        decoder = lm.get_decoder()
+        return decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
+
+    def input_embeddings(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None,
+        causal_lm: nn.Module | None = None,
+        embedding_mix: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """The LM's input embeddings with each image's visual tokens at its placeholders (GVT composition)."""
+        lm = self.causal_lm if causal_lm is None else causal_lm
+        embedding = lm.get_input_embeddings()
+        embeds = embedding(input_ids) if embedding_mix is None else mix_input_embeddings(embedding, input_ids, embedding_mix)
+        placeholder = self.processor.placeholder_id
+        if pixel_values is None:
+            if bool((input_ids == placeholder).any()):
+                raise ConfigError("the prompts hold image placeholders but the batch has no pixel_values.")
+            return embeds
+        return splice_visual_tokens(embeds, input_ids, placeholder, self.visual_tokens(pixel_values))
+
+    @override
+    def hidden_states(self, batch: dict[str, Any], causal_lm: nn.Module | None = None) -> Tensor:
+        extra = {k: batch[k] for k in ("position_ids", *_IMAGE_KEYS) if k in batch}
+        return self(
+            batch["input_ids"], batch.get("attention_mask"), causal_lm=causal_lm, embedding_mix=batch.get(EMBEDDING_MIX), **extra
+        )
+
+    # ---- generation ------------------------------------------------------------------------------
+    @override
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy answers to the left-padded prompts of a batch (with their images), decoded."""
+        if max_new_tokens is None:
+            max_new_tokens = self.max_new_tokens or getattr(
+                getattr(self._trainer, "datamodule", None) if self._trainer is not None else None,
+                "generation_max_new_tokens",
+                32,
+            )
+        tok = self.tokenizer
+        prompt, mask = batch["prompt_input_ids"], batch.get("prompt_attention_mask")
+        options = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        with gathered_root(self):
+            if self._hf_vlm:
+                images = {k: batch[k] for k in _IMAGE_KEYS if k in batch and k != "mm_token_type_ids"}
+                if "prompt_mm_token_type_ids" in batch:
+                    images["mm_token_type_ids"] = batch["prompt_mm_token_type_ids"]
+                generated = self.causal_lm.generate(input_ids=prompt, attention_mask=mask, **images, **options)
+                new = generated[:, prompt.shape[1] :]
+            else:
+                embeds = self.input_embeddings(prompt, batch.get("pixel_values"))
+                new = self.causal_lm.generate(inputs_embeds=embeds, attention_mask=mask, **options)
+        return tok.batch_decode(new, skip_special_tokens=True)
+
+    @override
+    def save_pretrained(self, path: str) -> None:
+        """The language model (or its LoRA adapter) and tokenizer in Hugging Face format, plus, for the GVT
+        composition, ``connector.safetensors`` (resampler and projections)."""
+        super().save_pretrained(path)
+        if self.connector is not None:
+            import os
+
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.connector.state_dict().items()}, os.path.join(path, "connector.safetensors"))
+
+
+def _language_model_lora(settings: LoRASettings) -> LoRASettings:
+    """``all-linear`` on a VLM would adapt the vision tower too: keep LoRA on the language model's layers."""
+    if settings.target_modules != "all-linear":
+        return settings
+    pattern = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    return LoRASettings(r=settings.r, alpha=settings.alpha, dropout=settings.dropout, target_modules=pattern, bias=settings.bias)

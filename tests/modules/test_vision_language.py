@@ -1,0 +1,188 @@
+"""VisionLanguageLM: splicing, labels, the fused loss against the Hugging Face models' own loss, errors."""
+
+import pytest
+import torch
+from PIL import Image
+
+from lightning_tokens.core.errors import ConfigError, DataError
+from lightning_tokens.layers import PerceiverResampler
+from lightning_tokens.modules.vision_language import ResamplerSettings, VisionLanguageLM, VisionSettings
+from lightning_tokens.modules.visual_inputs import IMAGE_END, IMAGE_START, splice_visual_tokens
+
+TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
+TINY_VIT = VisionSettings(name="vit_tiny_patch16_224", pretrained=False, image_size=32, overrides={"patch_size": 8, "depth": 1})
+TINY_RESAMPLER = ResamplerSettings(num_latents=4, depth=1, heads=2, dim_head=16)
+
+
+def gvt_model(**kwargs) -> VisionLanguageLM:
+    options = dict(model="tiny-llama", tokenizer="char", model_config=TINY_LM, vision=TINY_VIT, resampler=TINY_RESAMPLER)
+    model = VisionLanguageLM(**{**options, **kwargs})
+    model.configure_model()
+    return model
+
+
+def images(n: int = 2) -> list[Image.Image]:
+    colours = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+    return [Image.new("RGB", (20 + 10 * i, 40), colours[i % 3]) for i in range(n)]
+
+
+QUESTIONS, ANSWERS = ["How many circles?", "Is it red?"], ["3", "Yes."]
+
+
+def test_resampler_shapes_and_latents_attend_to_media():
+    resampler = PerceiverResampler(dim=16, depth=2, heads=2, dim_head=8, num_latents=5)
+    media = torch.randn(3, 7, 16)
+    out = resampler(media)
+    assert out.shape == (3, 5, 16)
+    changed = media.clone()
+    changed[1] = torch.randn(7, 16)
+    again = resampler(changed)
+    assert torch.equal(again[0], out[0]) and not torch.allclose(again[1], out[1])  # per-sample, media-dependent
+    assert resampler(torch.randn(2, 49, 16)).shape == (2, 5, 16)  # any number of media features
+
+
+def test_splice_matches_hand_built_inputs_embeds():
+    embeds = torch.randn(2, 6, 3)
+    ids = torch.tensor([[1, 9, 9, 2, 5, 5], [9, 9, 4, 4, 4, 0]])
+    visual = torch.randn(2, 2, 3)
+    spliced = splice_visual_tokens(embeds, ids, 9, visual)
+    expected = embeds.clone()
+    expected[0, 1], expected[0, 2] = visual[0, 0], visual[0, 1]
+    expected[1, 0], expected[1, 1] = visual[1, 0], visual[1, 1]
+    assert torch.equal(spliced, expected)
+
+
+def test_processor_labels_cover_only_the_answer():
+    model = gvt_model()
+    tok = model.tokenizer
+    batch = model.processor(images(), QUESTIONS, ANSWERS)
+    for row in range(2):
+        labels = batch["labels"][row]
+        assert tok.decode(labels[labels >= 0]) == ANSWERS[row] + tok.eos_token
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+        text = tok.decode(ids)
+        assert text.startswith(IMAGE_START) and IMAGE_END + QUESTIONS[row] in text
+        prompt = batch["prompt_input_ids"][row][batch["prompt_attention_mask"][row].bool()]
+        assert torch.equal(ids[: len(prompt)], prompt)  # the generation prompt is the training prefix
+        assert (labels[: len(prompt)] == -100).all()
+    assert int((batch["input_ids"] == model.processor.placeholder_id).sum()) == 2 * TINY_RESAMPLER.num_latents
+    assert batch["prompt_attention_mask"][:, -1].all()  # left-padded prompts
+
+
+def test_hidden_states_put_visual_tokens_at_placeholders():
+    model = gvt_model()
+    batch = model.processor(images(), QUESTIONS, ANSWERS)
+    visual = model.visual_tokens(batch["pixel_values"])
+    embeds = model.causal_lm.get_input_embeddings()(batch["input_ids"]).clone()
+    positions = (batch["input_ids"] == model.processor.placeholder_id).nonzero()
+    for k, (row, col) in enumerate(positions.tolist()):
+        embeds[row, col] = visual[row, k % TINY_RESAMPLER.num_latents]
+    expected = model.causal_lm.get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+    assert torch.allclose(model.hidden_states(batch), expected, atol=1e-6)
+    other = dict(batch, pixel_values=batch["pixel_values"].flip(0))
+    assert not torch.allclose(model.hidden_states(other), expected)  # the images matter
+
+
+def _float64_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    assert logits.dtype == torch.float64
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def test_gvt_fused_loss_equals_the_language_models_own_loss_float64():
+    model = gvt_model().double()
+    batch = model.processor(images(), QUESTIONS, ANSWERS)
+    batch["pixel_values"] = batch["pixel_values"].double()
+    ours = model._loss(batch)
+    embeds = model.input_embeddings(batch["input_ids"], batch["pixel_values"])
+    out = model.causal_lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    assert abs(float(ours) - float(_float64_loss(out.logits, batch["labels"]))) < 1e-6
+    assert abs(float(ours) - float(out.loss)) < 1e-5  # the model's own loss (it casts logits to float32)
+
+
+def test_hf_vlm_fused_loss_equals_the_models_own_loss_float64():
+    model = VisionLanguageLM(model="tiny-qwen2-vl")
+    model.configure_model()
+    model.double()
+    batch = model.processor(images(), QUESTIONS, ANSWERS)
+    batch["pixel_values"] = batch["pixel_values"].double()
+    tok = model.tokenizer
+    for row in range(2):
+        labels = batch["labels"][row]
+        assert tok.decode(labels[labels >= 0]) == ANSWERS[row] + tok.eos_token
+    image_token = model.causal_lm.config.image_token_id
+    assert not (batch["labels"] == image_token).any()
+    ours = model._loss(batch)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
+    out = model.causal_lm(**inputs, labels=batch["labels"])
+    assert abs(float(ours) - float(_float64_loss(out.logits, batch["labels"]))) < 1e-6
+    assert abs(float(ours) - float(out.loss)) < 1e-5  # the model's own loss (it casts logits to float32)
+
+
+def test_hf_vlm_trains_only_the_projector_and_generates():
+    model = VisionLanguageLM(model="tiny-qwen2-vl", max_new_tokens=3)
+    model.configure_model()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".merger." in name for name in trainable)
+    batch = model.processor(images(), QUESTIONS)
+    assert "labels" not in batch
+    assert len(model.generate(batch)) == 2
+
+
+def test_gvt_trains_connector_only_by_default_and_lora_adds_adapters():
+    model = gvt_model()
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"connector"}
+    assert not any(p.requires_grad for p in model.vision_encoder.parameters())
+    from lightning_tokens.modules import LoRASettings
+
+    lora = gvt_model(lora=LoRASettings(r=2))
+    names = [name for name, p in lora.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in names) and any(n.startswith("connector.") for n in names)
+    assert not any(n.startswith("vision_encoder.") for n in names)
+
+
+def test_vision_encoder_stays_in_eval_mode():
+    model = VisionLanguageLM(model="tiny-llama", tokenizer="char", model_config=TINY_LM, vision=VisionSettings(pretrained=False, image_size=64), resampler=TINY_RESAMPLER)
+    model.configure_model()
+    model.train()
+    assert not model.vision_encoder.training  # MobileNetV2's batch norms keep their statistics
+    assert model.connector.training
+
+
+def test_generate_greedy_matches_a_manual_loop():
+    model = gvt_model()
+    batch = model.processor(images(1), QUESTIONS[:1])
+    text = model.generate(batch, max_new_tokens=4)[0]
+    embeds = model.input_embeddings(batch["prompt_input_ids"], batch["pixel_values"])
+    tokens = []
+    with torch.no_grad():
+        for _ in range(4):
+            hidden = model.causal_lm.get_decoder()(inputs_embeds=embeds).last_hidden_state[:, -1]
+            token = model.causal_lm.get_output_embeddings()(hidden).argmax(-1)
+            if int(token) == model.tokenizer.eos_token_id:
+                break
+            tokens.append(int(token))
+            embeds = torch.cat([embeds, model.causal_lm.get_input_embeddings()(token)[:, None]], dim=1)
+    assert text == model.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_bad_inputs_get_clear_errors():
+    model = gvt_model()
+    batch = model.processor(images(), QUESTIONS, ANSWERS)
+    no_placeholder = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["input_ids"] == model.processor.placeholder_id, 5))
+    with pytest.raises(ConfigError, match="no image placeholder"):
+        model.hidden_states(no_placeholder)
+    extra_image = dict(batch, pixel_values=torch.cat([batch["pixel_values"], batch["pixel_values"][:1]]))
+    with pytest.raises(ConfigError, match="3 image\\(s\\) × 4 visual tokens"):
+        model.hidden_states(extra_image)
+    wrong_size = dict(batch, pixel_values=torch.zeros(2, 3, 48, 48))
+    with pytest.raises(ConfigError, match="image_size"):
+        model.hidden_states(wrong_size)
+    with pytest.raises(ConfigError, match="no pixel_values"):
+        model.hidden_states({k: v for k, v in batch.items() if k != "pixel_values"})
+    with pytest.raises(DataError, match="empty"):
+        model.processor(images(1), ["q"], ["  "])
+    with pytest.raises(DataError, match="one image per question"):
+        model.processor(images(2), ["q"], ["a"])
+    with pytest.raises(ConfigError, match="vision"):
+        VisionLanguageLM(model="tiny-qwen2-vl", vision=TINY_VIT)
