@@ -10,6 +10,8 @@ measured on the same device in the same process:
   lora           TokenLM with LoRA r=16 on all linear layers                    (baseline: lora)
   lora_rho1_adapter_disabled  LoRA + Rho-1, reference = the adapter-disabled base  (baseline: lora)
   qtuning        Q-Tuning, entropy from the fused NLL pass                    (baseline: hf_loss)
+  ift            Intuitive Fine-Tuning: a greedy no-grad first pass, mixed input embeddings, propagated
+                 weights (baseline: token_lm, plain SFT; issue 12's GPU target ≤ 1.40)
   sstoken_offline  ssToken with offline history losses   (baseline: rho1_offline, the same history cost)
   lora_sstoken_adapter_disabled  LoRA + ssToken, adapter-disabled history (baseline: LoRA + Rho-1, same)
   no_head        a floor: the decoder without output head or loss           (baseline: hf_loss)
@@ -138,6 +140,7 @@ VARIANTS: dict[str, tuple[type, dict[str, Any], list[str], str]] = {
     "rho1_offline": (TokenLM, {"reference": "offline"}, ["rho1"], "hf_loss"),
     "rho1_model": (TokenLM, {"reference": "model"}, ["rho1"], "hf_loss"),
     "qtuning": (TokenLM, {}, ["qtuning"], "hf_loss"),
+    "ift": (TokenLM, {}, ["ift"], "token_lm"),
     "sstoken_offline": (TokenLM, {"reference": "offline"}, ["sstoken"], "rho1_offline"),
     "lora": (TokenLM, {"lora": LORA}, [], "lora"),
     "lora_rho1_adapter_disabled": (TokenLM, {"lora": LORA, "reference": "adapter_disabled"}, ["rho1"], "lora"),
@@ -158,10 +161,12 @@ QLORA_TARGETS = [
 
 
 def _method(name: str) -> pl.Callback:
+    from lightning_tokens.callbacks.ift import IntuitiveFineTuning
     from lightning_tokens.callbacks.qtuning import QTuning
     from lightning_tokens.callbacks.sstoken import SSToken
 
-    return {"dft": DFT, "rho1": ExcessLossSelection, "qtuning": QTuning, "sstoken": SSToken}[name]()
+    return {"dft": DFT, "rho1": ExcessLossSelection, "qtuning": QTuning, "sstoken": SSToken,
+            "ift": IntuitiveFineTuning}[name]()
 
 
 def _reference(mode: str, args: argparse.Namespace, steps: int) -> ReferenceSettings:

@@ -65,6 +65,7 @@ _EXPORTS = {
     "NUPADataModule": "lightning_tokens.datamodules",
     "SFTDataModule": "lightning_tokens.datamodules",
     "LoRASettings": "lightning_tokens.modules",
+    "CordaSettings": "lightning_tokens.modules",
     "OptimizerSettings": "lightning_tokens.modules",
     "TokenLM": "lightning_tokens.modules",
     "GRPO": "lightning_tokens.modules",

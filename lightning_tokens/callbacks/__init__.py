@@ -9,6 +9,7 @@ package re-exporting its public names.
 from lightning_tokens.callbacks.dft import DFT
 from lightning_tokens.callbacks.divergence_weighting import DivergenceWeightedAdvantage
 from lightning_tokens.callbacks.fait import FAIT
+from lightning_tokens.callbacks.ift import IntuitiveFineTuning
 from lightning_tokens.callbacks.otr import OneTokenRollout
 from lightning_tokens.callbacks.prediction_writer import JSONLPredictionWriter
 from lightning_tokens.callbacks.qtuning import QTuning
@@ -24,6 +25,7 @@ __all__ = [
     "FAIT",
     "ExcessLossSelection",
     "GenericLabels",
+    "IntuitiveFineTuning",
     "JSONLPredictionWriter",
     "OneTokenRollout",
     "QTuning",

@@ -20,6 +20,8 @@ METHODS: dict[str, list[dict[str, Any]]] = {
     "rho1": [{"class_path": "lightning_tokens.callbacks.ExcessLossSelection"}],
     "sstoken": [{"class_path": "lightning_tokens.callbacks.SSToken"}],
     "qtuning": [{"class_path": "lightning_tokens.callbacks.QTuning"}],
+    "ift": [{"class_path": "lightning_tokens.callbacks.IntuitiveFineTuning"}],
+    "otr": [{"class_path": "lightning_tokens.callbacks.OneTokenRollout"}],
 }
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")

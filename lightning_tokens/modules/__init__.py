@@ -1,11 +1,13 @@
 """LightningModules."""
 
 from lightning_tokens.modules.causal_lm import LoRASettings, OptimizerSettings, TokenLM
+from lightning_tokens.modules.corda import CordaSettings
 from lightning_tokens.modules.grao import GRAO
 from lightning_tokens.modules.grpo import GRPO
 from lightning_tokens.modules.vision_language import ResamplerSettings, VisionLanguageLM, VisionSettings
 
 __all__ = [
+    "CordaSettings",
     "GRAO",
     "GRPO",
     "LoRASettings",

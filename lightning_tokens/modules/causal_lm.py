@@ -23,6 +23,14 @@ from lightning_tokens.core.reference import ReferenceSettings, build_reference
 from lightning_tokens.core.stats import OutputHead
 from lightning_tokens.models.presets import check_model_source, is_preset, load_causal_lm
 from lightning_tokens.modules.checkpoints import load_provider_state, provider_state_for_checkpoint
+from lightning_tokens.modules.corda import (
+    CordaInitialAdapter,
+    CordaSettings,
+    add_corda_lora,
+    check_corda_initialised,
+    check_lora_init,
+    save_corda_adapter,
+)
 from lightning_tokens.modules.lazy_backends import hide_unused_bitsandbytes, import_peft
 from lightning_tokens.modules.quantization import (
     QuantizationMode,
@@ -45,6 +53,10 @@ class LoRASettings:
         dropout: dropout on the adapter input.
         target_modules: module names to adapt, or ``"all-linear"``.
         bias: which biases train: ``"none"``, ``"all"`` or ``"lora_only"``.
+        init: initial adapter values: ``default`` (A Kaiming-uniform, B zero), ``gaussian`` (A normal with
+            std 1/r), ``corda`` (CorDA: A, B from a decomposition of each weight in the context of calibration
+            data, the base weight replaced by the residual; see :mod:`lightning_tokens.modules.corda`).
+        corda: CorDA's options (mode ipm / kpm, calibration, cache) when ``init`` is ``corda``.
     """
 
     r: int = 8
@@ -52,6 +64,8 @@ class LoRASettings:
     dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
+    init: Literal["default", "gaussian", "corda"] = "default"
+    corda: CordaSettings | None = None
 
 
 @dataclass
@@ -73,8 +87,45 @@ class OptimizerSettings:
     min_lr_ratio: float = 0.1
 
 
+#: Batch key of the input-embedding mix a pre-forward method asks for: ``{"tokens": LongTensor (B, T),
+#: "weight": FloatTensor (B, T)}``; modules built on :class:`TokenLM` run the decoder on
+#: ``(1 - weight)·E(input_ids) + weight·E(tokens)`` (see :func:`mix_input_embeddings`).
+EMBEDDING_MIX = "embedding_mix"
+
+
+def mix_input_embeddings(embedding: torch.nn.Module, input_ids: Tensor, mix: dict[str, Tensor]) -> Tensor:
+    """``(1 - w)·E(input_ids) + w·E(tokens)`` per position, the ``embedding_mix`` contract.
+
+    Computed in float32 and cast back to the embedding's dtype, so that ``w = 0`` returns ``E(input_ids)``
+    bit for bit (the decoder then sees exactly what ``input_ids`` would give it). Gradients reach the
+    embedding rows of both ids (scaled by ``1 - w`` and ``w``).
+
+    Args:
+        embedding: the input embedding module (``model.get_input_embeddings()``).
+        input_ids: ``(B, T)`` ids.
+        mix: ``{"tokens": (B, T) ids, "weight": (B, T) floats}``.
+
+    Example:
+        >>> emb = torch.nn.Embedding(3, 1, _weight=torch.tensor([[0.0], [1.0], [2.0]]))
+        >>> mix_input_embeddings(emb, torch.tensor([[0, 1]]), {"tokens": torch.tensor([[2, 2]]), "weight": torch.tensor([[0.0, 0.25]])}).squeeze(-1).tolist()
+        [[0.0, 1.25]]
+    """
+    tokens, weight = mix.get("tokens"), mix.get("weight")
+    if tokens is None or weight is None:
+        raise ConfigError(f"batch['{EMBEDDING_MIX}'] must hold 'tokens' and 'weight', got keys {sorted(mix)}.")
+    if tokens.shape != input_ids.shape or weight.shape != input_ids.shape:
+        raise ConfigError(
+            f"batch['{EMBEDDING_MIX}'] has tokens {tuple(tokens.shape)} and weight {tuple(weight.shape)} but input_ids "
+            f"have {tuple(input_ids.shape)}: both must be indexed like input_ids, (batch, sequence)."
+        )
+    base = embedding(input_ids)
+    other = embedding(tokens.to(input_ids.device))
+    w = weight.to(device=base.device, dtype=torch.float32).unsqueeze(-1)
+    return ((1.0 - w) * base.float() + w * other.float()).to(base.dtype)
+
+
 # checkpoints store these in hparams; allow them under torch.load(weights_only=True)
-torch.serialization.add_safe_globals([LoRASettings, OptimizerSettings, ReferenceSettings])
+torch.serialization.add_safe_globals([LoRASettings, OptimizerSettings, ReferenceSettings, CordaSettings])
 
 
 class TokenLM(TokenLossMixin, pl.LightningModule):
@@ -142,6 +193,8 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
             check_quantization(quantization)
         if reference is not None:
             reference.validate(has_lora=lora is not None)
+        if lora is not None:
+            check_lora_init(lora, quantization, reference)
         if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ConfigError(f"dtype={dtype!r} is not a torch dtype; use e.g. bfloat16, float16 or float32.")
         self.save_hyperparameters()
@@ -159,6 +212,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         self.reference = build_reference(reference) if reference is not None else None
         self.reference_model: torch.nn.Module | None = None
         self.model: torch.nn.Module | None = None
+        self.corda_initial: CordaInitialAdapter | None = None  # lora.init=corda: A0, B0 (buffers, checkpointed)
         self._tokenizer = None
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
@@ -205,6 +259,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
             return
         model = self._load_causal_lm(self.model_name, self.model_config, self.quantization)
         _check_output_head(model)
+        model = self.prepare_language_model(model)
         if model.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
             raise ConfigError(
                 f"the tokenizer has {len(self.tokenizer)} tokens but model {self.model_name!r} has only "
@@ -217,7 +272,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         if plugin is not None:  # Lightning's BitsandbytesPrecision: quantize before LoRA
             model = quantize_for_precision(model, plugin)
         if self.lora is not None:
-            model = _add_lora(model, self.lora, quantized=self.quantization is not None)
+            model = _add_lora(model, self.lora, quantized=self.quantization is not None, host=self)
         self.model = model
         if self.reference is not None:
             self.reference.setup(self)
@@ -227,6 +282,11 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
             if self.reference_model is not None:
                 shard_decoder_layers(self.reference_model, mesh)
             shard_root(self, mesh)
+
+    def prepare_language_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Hook between loading the language model and adding LoRA / quantized layers (subclasses grow the
+        vocabulary or freeze parts here); the default keeps the model as loaded."""
+        return model
 
     @property
     def causal_lm(self) -> torch.nn.Module:
@@ -249,6 +309,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         causal_lm: torch.nn.Module | None = None,
+        embedding_mix: dict[str, Tensor] | None = None,
         **kwargs: Any,
     ) -> Tensor:
         """Final hidden states ``(B, T, D)`` of this model, or of ``causal_lm`` (a reference model); the
@@ -256,13 +317,28 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
 
         Every forward, the reference's included, goes through here: under FSDP2 this module is the root
         unit, whose forward gathers the embeddings, norms and output heads of both models.
+
+        ``embedding_mix`` (``{"tokens": (B, T) ids, "weight": (B, T)}``): the decoder runs on
+        ``inputs_embeds = (1 - w)·E(input_ids) + w·E(tokens)`` (:func:`mix_input_embeddings`), ``E`` being
+        the input embeddings of the model that runs.
         """
         decoder = (self.causal_lm if causal_lm is None else causal_lm).get_decoder()
+        if embedding_mix is not None:
+            inputs_embeds = mix_input_embeddings(decoder.get_input_embeddings(), input_ids, embedding_mix)
+            return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
         return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
 
     def hidden_states(self, batch: dict[str, Any], causal_lm: torch.nn.Module | None = None) -> Tensor:
-        """Final hidden states of a batch, from this model or another causal LM (a reference)."""
+        """Final hidden states of a batch, from this model or another causal LM (a reference).
+
+        Honours ``batch["embedding_mix"]`` (:data:`EMBEDDING_MIX`, written by Intuitive Fine-Tuning before
+        the forward) for every model that runs, references included: a reference provider scores the same
+        mixed inputs the policy trains on, so per-token comparisons (excess loss, KL) share their context.
+        Offline reference scores were computed on the clean inputs. Drop the key for a clean forward.
+        """
         extra = {k: batch[k] for k in ("position_ids",) if k in batch}
+        if batch.get(EMBEDDING_MIX) is not None:
+            extra["embedding_mix"] = batch[EMBEDDING_MIX]
         return self(batch["input_ids"], batch.get("attention_mask"), causal_lm=causal_lm, **extra)
 
     def output_head(self) -> OutputHead:
@@ -397,12 +473,19 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         LoRA is on, the full model otherwise."""
         if self.model is None:
             raise RuntimeError("save_pretrained: the model is not built yet; call configure_model() or fit first.")
-        self.model.save_pretrained(path)
+        if self.corda_initial is not None:  # CorDA changed the base weights: peft's conversion to plain LoRA
+            save_corda_adapter(self, path)
+        else:
+            self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
     @override
     def on_fit_start(self) -> None:
         self._save_tokenizer()
+
+    @override
+    def on_train_start(self) -> None:
+        check_corda_initialised(self)  # after any checkpoint restore, whatever the strategy
 
     @rank_zero_only
     def _save_tokenizer(self) -> None:
@@ -412,7 +495,9 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
             self.tokenizer.save_pretrained(os.path.join(dirpath, "tokenizer"))
 
 
-def _add_lora(model: torch.nn.Module, settings: LoRASettings, quantized: bool) -> torch.nn.Module:
+def _add_lora(
+    model: torch.nn.Module, settings: LoRASettings, quantized: bool, host: TokenLM | None = None
+) -> torch.nn.Module:
     peft = import_peft()
     if quantized:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -423,10 +508,16 @@ def _add_lora(model: torch.nn.Module, settings: LoRASettings, quantized: bool) -
         target_modules=settings.target_modules,
         bias=settings.bias,
         task_type="CAUSAL_LM",
+        init_lora_weights="gaussian" if settings.init == "gaussian" else True,
     )
     with hide_unused_bitsandbytes(), warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning we cannot fix here)
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if settings.init == "corda":
+            if host is None:  # CorDA needs the module: its trainer's data, tokenizer and checkpoints
+                raise ConfigError("lora.init=corda is supported on TokenLM's own language model only: use lora.init: default.")
+            model, host.corda_initial = add_corda_lora(host, model, config)
+            return model
         return peft.get_peft_model(model, config)
 
 

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -374,4 +375,4 @@ def _language_model_lora(settings: LoRASettings) -> LoRASettings:
     if settings.target_modules != "all-linear":
         return settings
     pattern = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    return LoRASettings(r=settings.r, alpha=settings.alpha, dropout=settings.dropout, target_modules=pattern, bias=settings.bias)
+    return dataclasses.replace(settings, target_modules=pattern)

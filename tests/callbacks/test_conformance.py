@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_tokens import DFT, ExcessLossSelection, NUPADataModule, QTuning, SSToken, TokenLM
+from lightning_tokens import DFT, ExcessLossSelection, IntuitiveFineTuning, NUPADataModule, QTuning, SSToken, TokenLM
 from lightning_tokens.core import BatchTokenMethod, TokenMethod
 from lightning_tokens.core.reference import ReferenceSettings
 from lightning_tokens.modules import LoRASettings, OptimizerSettings
@@ -22,6 +22,7 @@ METHODS = [
     ("rho1", lambda: ExcessLossSelection(ratio=0.5)),
     ("qtuning", lambda: QTuning()),
     ("sstoken", lambda: SSToken(ratio=0.5)),
+    ("ift", lambda: IntuitiveFineTuning()),
 ]
 
 
@@ -65,3 +66,42 @@ def test_method_contract(name, factory):
     assert type(method).__doc__ and "Example" in type(method).__doc__
     state = method.state_dict()
     type(method)().load_state_dict(state)
+
+
+# ---- second axis: the modules that use the pipeline (DESIGN.md, "Conformance across modalities") -----------
+def _fit_vision_language(method, lora: bool):
+    from lightning_tokens import VisionLanguageLM, VisualQADataModule
+    from lightning_tokens.modules import ResamplerSettings, VisionSettings
+
+    reference = None
+    if method.requires_reference:
+        reference = ReferenceSettings(mode="adapter_disabled") if lora else ReferenceSettings(mode="model", model="tiny-llama", model_config=TINY)
+    model = VisionLanguageLM(
+        model="tiny-llama", tokenizer="char", model_config=TINY, optimizer=OptimizerSettings(lr=1e-2, warmup=0),
+        vision=VisionSettings(name="vit_tiny_patch16_224", pretrained=False, image_size=32, overrides={"patch_size": 16, "depth": 1}),
+        resampler=ResamplerSettings(num_latents=2, depth=1, heads=2, dim_head=8),
+        lora=LoRASettings(r=4) if lora else None, train_language_model=not lora, reference=reference,
+    )
+    callbacks = [method] if isinstance(method, DFT) else [method, DFT()]
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_val_batches=0, callbacks=callbacks,
+    )
+    data = VisualQADataModule(tasks=["counting", "mci"], image_size=40, max_count=2, max_distractors=1, num_train=8, num_val=2, num_test=2, batch_size=4)
+    trainer.fit(model, datamodule=data)
+    return trainer
+
+
+# (method, LoRA): DFT full, Rho-1 against the adapter-disabled base under LoRA, Q-Tuning full, ssToken and IFT
+# (its mixed input embeddings around the spliced visual tokens) under LoRA
+VISION_LANGUAGE = [("dft", False), ("rho1", True), ("qtuning", False), ("sstoken", True), ("ift", True)]
+
+
+@pytest.mark.parametrize("name,lora", VISION_LANGUAGE, ids=[f"{n}-{'lora' if lora else 'full'}" for n, lora in VISION_LANGUAGE])
+def test_method_trains_on_the_vision_language_module(name, lora):
+    factory = dict(METHODS)[name]
+    trainer = _fit_vision_language(factory(), lora)
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])
+    assert 0 < float(metrics["train/kept_fraction"]) <= 1
+    assert trainer.global_step == 2
