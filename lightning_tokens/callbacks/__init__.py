@@ -6,6 +6,7 @@ A method is one file (``dft.py``); a method with several jobs is one folder (``q
 package re-exporting its public names.
 """
 
+from lightning_tokens.callbacks.cut import ContrastiveUnlikelihood, DualCUT
 from lightning_tokens.callbacks.dft import DFT
 from lightning_tokens.callbacks.divergence_weighting import DivergenceWeightedAdvantage
 from lightning_tokens.callbacks.fait import FAIT
@@ -17,10 +18,13 @@ from lightning_tokens.callbacks.resumable_checkpoint import ResumableCheckpoint
 from lightning_tokens.callbacks.rho1 import ExcessLossSelection
 from lightning_tokens.callbacks.safety_shaping import SafetyShaping
 from lightning_tokens.callbacks.sstoken import SSToken
+from lightning_tokens.callbacks.token_maps import TokenMapLogger
 from lightning_tokens.callbacks.unlearning import GenericLabels, SavePretrained
 
 __all__ = [
+    "ContrastiveUnlikelihood",
     "DFT",
+    "DualCUT",
     "DivergenceWeightedAdvantage",
     "FAIT",
     "ExcessLossSelection",
@@ -33,4 +37,5 @@ __all__ = [
     "SSToken",
     "SafetyShaping",
     "SavePretrained",
+    "TokenMapLogger",
 ]

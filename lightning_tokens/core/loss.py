@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -154,14 +154,17 @@ class MethodOutcome:
     loss: Tensor | None = None
     replaced_by: str | None = None
     extra_loss: Tensor | None = None
+    outputs: dict[str, TokenMethodOutput] = field(default_factory=dict)
 
 
 def run_token_methods(
-    stats: TokenStats, methods: list, module: pl.LightningModule, weights: Tensor
+    stats: TokenStats, methods: list, module: pl.LightningModule, weights: Tensor, log: bool = True
 ) -> MethodOutcome:
     """Ask every post-forward method for its output, combine them, and log what they report (averaged over
     the ranks). ``weights`` are the data's weights that the methods multiply into. Shared by every module whose
-    loss is built from per-token terms (``TokenLossMixin``'s token mean, ``GRPO``'s policy loss)."""
+    loss is built from per-token terms (``TokenLossMixin``'s token mean, ``GRPO``'s policy loss). Each method's
+    own output stays in ``outcome.outputs`` (by method name); ``log=False`` logs nothing (a re-scoring outside
+    the training step, e.g. :class:`~lightning_tokens.callbacks.token_maps.TokenMapLogger`'s)."""
     outcome = MethodOutcome(weights=weights, keep=stats.mask.clone())
     trainer = module._trainer
     logs: dict[str, float | Tensor] = {}
@@ -178,6 +181,9 @@ def run_token_methods(
         if out.extra_loss is not None:
             outcome.extra_loss = out.extra_loss if outcome.extra_loss is None else outcome.extra_loss + out.extra_loss
         logs.update({f"train/{method.name}/{key}": value for key, value in out.logs.items()})
+        outcome.outputs[method.name] = out
+    if not log:
+        return outcome
     if trainer is not None and trainer.world_size > 1 and methods:
         logs = mean_over_ranks(logs, trainer)
     if trainer is not None:

@@ -3,6 +3,7 @@ Cookbook tasks generated in code), ``filters/`` (record filters for data selecti
 (resumable shuffling), ``visual_qa/`` (image question answering: your files, or a GVTBench-style benchmark
 generated in code)."""
 
+from lightning_tokens.datamodules.contrastive import ContrastiveCollator, ContrastiveDataModule, collate_contrastive
 from lightning_tokens.datamodules.nupa import (
     NUPA_TASKS,
     NUPACollator,
@@ -37,6 +38,9 @@ from lightning_tokens.datamodules.visual_qa import (
 )
 
 __all__ = [
+    "ContrastiveCollator",
+    "ContrastiveDataModule",
+    "collate_contrastive",
     "BENCHMARK_TASKS",
     "VisionTextProcessor",
     "VisualQACollator",

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from lightning_tokens import DFT, ExcessLossSelection, IntuitiveFineTuning, NUPADataModule, QTuning, SSToken, TokenLM
+from lightning_tokens.callbacks.cut import ContrastiveUnlikelihood, DualCUT
 from lightning_tokens.core import BatchTokenMethod, TokenMethod
+from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.reference import ReferenceSettings
 from lightning_tokens.modules import LoRASettings, OptimizerSettings
 
@@ -105,3 +107,14 @@ def test_method_trains_on_the_vision_language_module(name, lora):
     assert torch.isfinite(metrics["train/loss"])
     assert 0 < float(metrics["train/kept_fraction"]) <= 1
     assert trainer.global_step == 2
+
+
+# ---- paired-context methods: the contract here; full/LoRA and +DFT fits in tests/callbacks/test_cut.py ----------
+PAIRED = [("cut", lambda: ContrastiveUnlikelihood()), ("dualcut", lambda: DualCUT())]
+
+
+@pytest.mark.parametrize("name,factory", PAIRED, ids=[m[0] for m in PAIRED])
+def test_paired_method_contract_and_refusal_of_unpaired_batches(name, factory):
+    test_method_contract(name, factory)
+    with pytest.raises(ConfigError, match="negative_input_ids"):
+        _fit(factory(), lora=False)
