@@ -52,6 +52,7 @@ _EXPORTS = {
     "ContrastiveUnlikelihood": "lightning_tokens.callbacks",
     "DualCUT": "lightning_tokens.callbacks",
     "TokenMapLogger": "lightning_tokens.callbacks",
+    "Steering": "lightning_tokens.callbacks",
     "ContrastiveDataModule": "lightning_tokens.datamodules",
     "DivergenceWeightedAdvantage": "lightning_tokens.callbacks",
     "SafetyShaping": "lightning_tokens.callbacks",
@@ -78,6 +79,8 @@ _EXPORTS = {
     "VisionSettings": "lightning_tokens.modules",
     "ResamplerSettings": "lightning_tokens.modules",
     "VisualQADataModule": "lightning_tokens.datamodules",
+    "VisualTokenizerDistillation": "lightning_tokens.modules",
+    "ImageDataModule": "lightning_tokens.datamodules",
     "RewardSpec": "lightning_tokens.rewards",
 }
 

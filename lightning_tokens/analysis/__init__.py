@@ -8,6 +8,9 @@
   two models; ``lightning-tokens saliency`` renders them.
 - :mod:`~lightning_tokens.analysis.token_maps`: the one token heat-map renderer (PNG and HTML), shared by
   the saliency maps and :class:`~lightning_tokens.callbacks.TokenMapLogger`.
+- :mod:`~lightning_tokens.analysis.steering`: GrAInS (arXiv 2507.18043): contrastive integrated gradients,
+  steering vectors from ablated top tokens, the renormalised steering hook; ``lightning-tokens steer``
+  builds the vectors and :class:`~lightning_tokens.callbacks.Steering` applies them at generation.
 """
 
 from lightning_tokens.analysis.divergence import DivergenceReport, cross_sample, divergence_report, trajectory_divergence

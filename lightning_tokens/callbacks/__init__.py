@@ -18,6 +18,7 @@ from lightning_tokens.callbacks.resumable_checkpoint import ResumableCheckpoint
 from lightning_tokens.callbacks.rho1 import ExcessLossSelection
 from lightning_tokens.callbacks.safety_shaping import SafetyShaping
 from lightning_tokens.callbacks.sstoken import SSToken
+from lightning_tokens.callbacks.steering import Steering
 from lightning_tokens.callbacks.token_maps import TokenMapLogger
 from lightning_tokens.callbacks.unlearning import GenericLabels, SavePretrained
 
@@ -37,5 +38,6 @@ __all__ = [
     "SSToken",
     "SafetyShaping",
     "SavePretrained",
+    "Steering",
     "TokenMapLogger",
 ]

@@ -41,6 +41,8 @@ class TokensCLI(LightningCLI):
             "generic_labels": {"model", "datamodule"},
             "export": {"model", "datamodule"},
             "divergence": {"model", "datamodule"},
+            "saliency": {"model", "datamodule"},
+            "steer": {"model", "datamodule"},
         }
 
     @override

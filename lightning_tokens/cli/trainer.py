@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_tokens.analysis.steering.vectors import GrainsSettings
 from lightning_tokens.callbacks.safety_shaping import ChunkPrefix
 from lightning_tokens.cli.offline_steps import trainer_divergence, trainer_generic_labels, trainer_score, trainer_star_score
 from lightning_tokens.models.guardrails import Guardrail
@@ -203,6 +204,72 @@ class TokensTrainer(pl.Trainer):
             epsilon=epsilon, near_zero=near_zero, temperature=temperature, top_k=top_k, top_p=top_p,
             overlap_k=overlap_k, seed=seed,
         )
+
+    def steer(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        pairs_file: str = "data/grains/steer.jsonl",
+        output: str = "runs/grains",
+        eval_file: str | None = None,
+        num_pairs: int | None = None,
+        layers: list[int] | None = None,
+        grains: GrainsSettings | None = None,
+    ) -> None:
+        """GrAInS (arXiv 2507.18043): steering vectors from contrastive integrated gradients over
+        (prompt, preferred, dispreferred) pairs, one per decoder layer, saved to ``output``
+        (``vectors.pt``, ``metadata.json``, ``report.json``) for the ``Steering`` callback.
+
+        Args:
+            model: the module whose language model (and tokenizer) is steered.
+            datamodule: unused (lets ``steer`` read a training config as is).
+            pairs_file: JSONL of ``{"prompt", "preferred", "dispreferred"}`` records.
+            output: the folder to write.
+            eval_file: held-out pairs of the same format: their preference margins (last answer token)
+                and accuracy without and with steering go to ``report.json``.
+            num_pairs: use the first ``num_pairs`` pairs only (GrAInS: 50).
+            layers: decoder blocks to keep vectors for (default: all).
+            grains: the method's settings (top_k, steps, target, layer, alpha, mode, method, norm_dim...).
+        """
+        from lightning_tokens.analysis.steering.command import trainer_steer
+
+        trainer_steer(self, model, pairs_file, output, eval_file, num_pairs, layers, grains)
+
+    def saliency(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        output: str = "saliency",
+        base: str | None = None,
+        tuned: str | None = None,
+        split: Literal["train", "val"] = "train",
+        num_examples: int = 8,
+        ckpt_path: str | None = None,
+        trust_checkpoint: bool = False,
+        threshold: float = 1.1,
+        width: int = 96,
+    ) -> None:
+        """Token saliency map (FaGeL, arXiv 2412.20297): per response token, ``log p(y_t | positive context) -
+        log p(y_t | negative context)`` under one model (a ContrastiveDataModule's paired records), or, with
+        ``tuned``, ``log p_tuned(y_t) - log p_base(y_t)``. Writes ``saliency.png``, ``saliency.html`` (values on
+        hover), ``saliency.json``, ``saliency_tokens.csv`` and ``summary.json`` to ``output``.
+
+        Args:
+            model: the module (its tokenizer; its weights score the contexts unless ``base`` or ``tuned`` is set).
+            datamodule: the records (ContrastiveDataModule, file order; any datamodule with ``tuned``).
+            output: the folder to write.
+            base: the model before fine-tuning (local folder, hub id, preset, packaged name).
+            tuned: the fine-tuned model (a folder ``export`` wrote: full model or LoRA adapter).
+            split: ``train`` or ``val``.
+            num_examples: records shown.
+            ckpt_path: a training checkpoint whose weights the module takes (contexts mode).
+            trust_checkpoint: load ``ckpt_path`` without the safe-loading allowlist (a file you trust).
+            threshold: CUT's ``λ``: tokens with ``p(neg) / p(pos) > λ`` are marked flagged on hover.
+            width: characters per line of the PNG.
+        """
+        from lightning_tokens.analysis.saliency import saliency_command
+
+        saliency_command(self, model, datamodule, output, base, tuned, split, num_examples, ckpt_path, trust_checkpoint, threshold, width)
 
     def generic_labels(
         self,
