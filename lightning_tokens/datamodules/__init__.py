@@ -4,6 +4,7 @@ Cookbook tasks generated in code), ``filters/`` (record filters for data selecti
 generated in code)."""
 
 from lightning_tokens.datamodules.contrastive import ContrastiveCollator, ContrastiveDataModule, collate_contrastive
+from lightning_tokens.datamodules.images import ImageDataModule, ImageFolderDataset
 from lightning_tokens.datamodules.nupa import (
     NUPA_TASKS,
     NUPACollator,
@@ -52,6 +53,8 @@ __all__ = [
     "read_visual_qa_file",
     "BranchingDensityFilter",
     "FALLBACK_CHAT_TEMPLATE",
+    "ImageDataModule",
+    "ImageFolderDataset",
     "InstructMiningFilter",
     "RecordFilter",
     "NUPA_TASKS",

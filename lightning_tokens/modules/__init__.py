@@ -5,6 +5,7 @@ from lightning_tokens.modules.corda import CordaSettings
 from lightning_tokens.modules.grao import GRAO
 from lightning_tokens.modules.grpo import GRPO
 from lightning_tokens.modules.vision_language import ResamplerSettings, VisionLanguageLM, VisionSettings
+from lightning_tokens.modules.visual_tokenizer import VisualTokenizerDistillation
 
 __all__ = [
     "CordaSettings",
@@ -16,4 +17,5 @@ __all__ = [
     "TokenLM",
     "VisionLanguageLM",
     "VisionSettings",
+    "VisualTokenizerDistillation",
 ]
