@@ -12,6 +12,8 @@ measured on the same device in the same process:
   qtuning        Q-Tuning, entropy from the fused NLL pass                    (baseline: hf_loss)
   ift            Intuitive Fine-Tuning: a greedy no-grad first pass, mixed input embeddings, propagated
                  weights (baseline: token_lm, plain SFT; issue 12's GPU target ≤ 1.40)
+  caft           CAFT, 4 auxiliary decoder-layer heads on the shared output head, fused per-head NLL
+                 (baseline: token_lm; issue 12's GPU target ≤ 1.25 step time, ≤ 1.1× memory)
   sstoken_offline  ssToken with offline history losses   (baseline: rho1_offline, the same history cost)
   lora_sstoken_adapter_disabled  LoRA + ssToken, adapter-disabled history (baseline: LoRA + Rho-1, same)
   no_head        a floor: the decoder without output head or loss           (baseline: hf_loss)
@@ -141,6 +143,7 @@ VARIANTS: dict[str, tuple[type, dict[str, Any], list[str], str]] = {
     "rho1_model": (TokenLM, {"reference": "model"}, ["rho1"], "hf_loss"),
     "qtuning": (TokenLM, {}, ["qtuning"], "hf_loss"),
     "ift": (TokenLM, {}, ["ift"], "token_lm"),
+    "caft": (TokenLM, {}, ["caft"], "token_lm"),
     "sstoken_offline": (TokenLM, {"reference": "offline"}, ["sstoken"], "rho1_offline"),
     "lora": (TokenLM, {"lora": LORA}, [], "lora"),
     "lora_rho1_adapter_disabled": (TokenLM, {"lora": LORA, "reference": "adapter_disabled"}, ["rho1"], "lora"),
@@ -161,12 +164,13 @@ QLORA_TARGETS = [
 
 
 def _method(name: str) -> pl.Callback:
+    from lightning_tokens.callbacks.caft import CAFT
     from lightning_tokens.callbacks.ift import IntuitiveFineTuning
     from lightning_tokens.callbacks.qtuning import QTuning
     from lightning_tokens.callbacks.sstoken import SSToken
 
     return {"dft": DFT, "rho1": ExcessLossSelection, "qtuning": QTuning, "sstoken": SSToken,
-            "ift": IntuitiveFineTuning}[name]()
+            "ift": IntuitiveFineTuning, "caft": CAFT}[name]()
 
 
 def _reference(mode: str, args: argparse.Namespace, steps: int) -> ReferenceSettings:

@@ -43,6 +43,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "DFT": "lightning_tokens.callbacks",
+    "CAFT": "lightning_tokens.callbacks",
     "ExcessLossSelection": "lightning_tokens.callbacks",
     "FAIT": "lightning_tokens.callbacks",
     "GenericLabels": "lightning_tokens.callbacks",

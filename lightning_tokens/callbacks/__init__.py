@@ -6,6 +6,7 @@ A method is one file (``dft.py``); a method with several jobs is one folder (``q
 package re-exporting its public names.
 """
 
+from lightning_tokens.callbacks.caft import CAFT
 from lightning_tokens.callbacks.cut import ContrastiveUnlikelihood, DualCUT
 from lightning_tokens.callbacks.dft import DFT
 from lightning_tokens.callbacks.divergence_weighting import DivergenceWeightedAdvantage
@@ -23,6 +24,7 @@ from lightning_tokens.callbacks.token_maps import TokenMapLogger
 from lightning_tokens.callbacks.unlearning import GenericLabels, SavePretrained
 
 __all__ = [
+    "CAFT",
     "ContrastiveUnlikelihood",
     "DFT",
     "DualCUT",

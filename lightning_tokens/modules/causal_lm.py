@@ -467,6 +467,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.reference is not None and "reference_provider" in checkpoint:
             load_provider_state(self.reference, self, checkpoint["reference_provider"], self.trainer)
+        _drop_training_only_heads(self, checkpoint)
 
     def save_pretrained(self, path: str) -> None:
         """Save in Hugging Face format with the tokenizer: the LoRA adapter alone (peft's format) when
@@ -519,6 +520,21 @@ def _add_lora(
             model, host.corda_initial = add_corda_lora(host, model, config)
             return model
         return peft.get_peft_model(model, config)
+
+
+#: Submodules that training callbacks attach (CAFT's auxiliary heads): inference does not use them.
+_TRAINING_ONLY_HEADS = ("caft_heads",)
+
+
+def _drop_training_only_heads(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Evaluating or predicting from a checkpoint without the callback that attached auxiliary heads: their
+    weights are not needed (inference uses the trunk), so they are left out instead of failing strict loading."""
+    state = checkpoint.get("state_dict", {})
+    for name in _TRAINING_ONLY_HEADS:
+        if getattr(module, name, None) is None and any(key.startswith(name + ".") for key in state):
+            for key in [k for k in state if k.startswith(name + ".")]:
+                del state[key]
+            rank_zero_info(f"checkpoint: {name} (auxiliary training heads) left out; add their callback to train them.")
 
 
 def _check_output_head(model: torch.nn.Module) -> None:

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_tokens import DFT, ExcessLossSelection, IntuitiveFineTuning, NUPADataModule, QTuning, SSToken, TokenLM
+from lightning_tokens import CAFT, DFT, ExcessLossSelection, IntuitiveFineTuning, NUPADataModule, QTuning, SSToken, TokenLM
 from lightning_tokens.callbacks.cut import ContrastiveUnlikelihood, DualCUT
 from lightning_tokens.core import BatchTokenMethod, TokenMethod
 from lightning_tokens.core.errors import ConfigError
@@ -25,6 +25,7 @@ METHODS = [
     ("qtuning", lambda: QTuning()),
     ("sstoken", lambda: SSToken(ratio=0.5)),
     ("ift", lambda: IntuitiveFineTuning()),
+    ("caft", lambda: CAFT(num_heads=2)),
 ]
 
 
@@ -95,8 +96,8 @@ def _fit_vision_language(method, lora: bool):
 
 
 # (method, LoRA): DFT full, Rho-1 against the adapter-disabled base under LoRA, Q-Tuning full, ssToken and IFT
-# (its mixed input embeddings around the spliced visual tokens) under LoRA
-VISION_LANGUAGE = [("dft", False), ("rho1", True), ("qtuning", False), ("sstoken", True), ("ift", True)]
+# (its mixed input embeddings around the spliced visual tokens) and CAFT's heads under LoRA
+VISION_LANGUAGE = [("dft", False), ("rho1", True), ("qtuning", False), ("sstoken", True), ("ift", True), ("caft", True)]
 
 
 @pytest.mark.parametrize("name,lora", VISION_LANGUAGE, ids=[f"{n}-{'lora' if lora else 'full'}" for n, lora in VISION_LANGUAGE])

@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -57,6 +56,7 @@ def steer_hidden(hidden: Tensor, vector: Tensor, alpha: float, scale: float = SC
         eps: added to the steered norm, as the reference.
 
     Example:
+        >>> import torch
         >>> h = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]], dtype=torch.float64)
         >>> steer_hidden(h, torch.tensor([1.0, 0.0]), 4.0).squeeze(0).round(decimals=4).tolist()
         [[4.9785, 0.4631], [0.9997, 0.025]]
