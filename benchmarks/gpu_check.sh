@@ -7,8 +7,13 @@
 #      ~1B Llama shape (llama-1b), with the two target ratios (Rho-1 step <= 1.30x QLoRA step, QLoRA + Rho-1
 #      peak memory <= 0.40x bf16 LoRA peak);
 #   3. the selection methods on the shape of table 1: Q-Tuning against the model's own loss (target <= 1.03)
-#      and ssToken against Rho-1 with the same offline history (target <= 1.05).
-# Writes logs to $OUT. SKIP_TESTS=1 skips the tests, SKIP_TABLE1=1 / SKIP_QLORA=1 / SKIP_SELECTION=1 skip a
+#      and ssToken against Rho-1 with the same offline history (target <= 1.05);
+#   4. the objectives against plain SFT (token_lm) on the same shape: OTR exact (<= 1.05), OTR K=256
+#      (<= 1.10), IFT (<= 1.40), CAFT with 4 heads (<= 1.25 step time, <= 1.1x memory);
+#   5. the vision-language step: the fused token loss against the models' own labels= loss (<= 1.0x time,
+#      lower memory), Qwen2-VL and the GVT composition (benchmarks/vlm_loss.py).
+# Writes logs to $OUT. SKIP_TESTS=1 skips the tests, SKIP_TABLE1=1 / SKIP_QLORA=1 / SKIP_SELECTION=1 /
+# SKIP_OBJECTIVES=1 / SKIP_VLM=1 skip a
 # table. Each part runs under a time limit (seconds: TESTS_LIMIT, TABLE_LIMIT) so one hung part cannot eat
 # the lease; a part that hits it says so in its log.
 set -uo pipefail
@@ -50,3 +55,11 @@ GC_FLAG=""; [ "${Q_GC:-1}" = "1" ] && GC_FLAG="--gradient-checkpointing"
   --vocab "${VOCAB:-128256}" --batch "${BATCH:-8}" --seq "${SEQ:-4096}" --steps "${STEPS:-6}" --warmup 2 \
   --variants "hf_loss,token_lm,qtuning,rho1_offline,sstoken_offline" --json "$OUT/selection.json" 2>&1 \
   | grep -v -i warn | tail -12 | tee "$OUT/selection.txt"
+# Objectives (issue 12) against plain SFT on table 1's shape.
+[ -n "${SKIP_OBJECTIVES:-}" ] || timeout "$TABLE_LIMIT" python3 benchmarks/token_loss.py --device cuda --preset "${PRESET:-llama-1.5b}" \
+  --vocab "${VOCAB:-128256}" --batch "${O_BATCH:-4}" --seq "${SEQ:-4096}" --steps "${STEPS:-6}" --warmup 2 \
+  --variants "token_lm,otr_exact,otr_sampled,ift,caft" --json "$OUT/objectives.json" 2>&1 \
+  | grep -v -i warn | tail -10 | tee "$OUT/objectives.txt"
+# The vision-language training step (issue 15): fused token loss vs the models' own loss.
+[ -n "${SKIP_VLM:-}" ] || timeout "$TABLE_LIMIT" python3 benchmarks/vlm_loss.py --device cuda --vocab 151936 --hidden 1536 \
+  --layers 8 --batch 8 --image-size 224 --rounds 5 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/vlm_loss.txt"

@@ -14,6 +14,8 @@ measured on the same device in the same process:
                  weights (baseline: token_lm, plain SFT; issue 12's GPU target ≤ 1.40)
   caft           CAFT, 4 auxiliary decoder-layer heads on the shared output head, fused per-head NLL
                  (baseline: token_lm; issue 12's GPU target ≤ 1.25 step time, ≤ 1.1× memory)
+  otr_exact      One-Token Rollout, the exact expectation (baseline: token_lm; GPU target ≤ 1.05)
+  otr_sampled    One-Token Rollout, K = 256 sampled tokens (baseline: token_lm; GPU target ≤ 1.10)
   sstoken_offline  ssToken with offline history losses   (baseline: rho1_offline, the same history cost)
   lora_sstoken_adapter_disabled  LoRA + ssToken, adapter-disabled history (baseline: LoRA + Rho-1, same)
   no_head        a floor: the decoder without output head or loss           (baseline: hf_loss)
@@ -144,6 +146,8 @@ VARIANTS: dict[str, tuple[type, dict[str, Any], list[str], str]] = {
     "qtuning": (TokenLM, {}, ["qtuning"], "hf_loss"),
     "ift": (TokenLM, {}, ["ift"], "token_lm"),
     "caft": (TokenLM, {}, ["caft"], "token_lm"),
+    "otr_exact": (TokenLM, {}, ["otr_exact"], "token_lm"),
+    "otr_sampled": (TokenLM, {}, ["otr_sampled"], "token_lm"),
     "sstoken_offline": (TokenLM, {"reference": "offline"}, ["sstoken"], "rho1_offline"),
     "lora": (TokenLM, {"lora": LORA}, [], "lora"),
     "lora_rho1_adapter_disabled": (TokenLM, {"lora": LORA, "reference": "adapter_disabled"}, ["rho1"], "lora"),
@@ -166,9 +170,12 @@ QLORA_TARGETS = [
 def _method(name: str) -> pl.Callback:
     from lightning_tokens.callbacks.caft import CAFT
     from lightning_tokens.callbacks.ift import IntuitiveFineTuning
+    from lightning_tokens.callbacks.otr import OneTokenRollout
     from lightning_tokens.callbacks.qtuning import QTuning
     from lightning_tokens.callbacks.sstoken import SSToken
 
+    if name.startswith("otr_"):  # the issue's two OTR rows: the exact expectation, and K = 256 draws
+        return OneTokenRollout(estimator="exact") if name == "otr_exact" else OneTokenRollout(estimator="sample", num_samples=256)
     return {"dft": DFT, "rho1": ExcessLossSelection, "qtuning": QTuning, "sstoken": SSToken,
             "ift": IntuitiveFineTuning, "caft": CAFT}[name]()
 
