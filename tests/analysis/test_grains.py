@@ -370,6 +370,7 @@ def test_grains_config_on_the_packaged_smollm2(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["num_pairs"] == 2 and all(math.isfinite(x) for x in report["margins_steered"])
     data = [f"--data.init_args.{k}={root / 'data/grains/heldout_sft.jsonl'}" for k in ("train_file", "val_file")]
+    data.append(f"--trainer.default_root_dir={tmp_path / 'run'}")
     base = cli(["validate", "--config", config, *data, "--trainer.limit_val_batches=1"])
     steered = cli(["validate", "--config", config, *data, "--trainer.limit_val_batches=1",
                    "--trainer.callbacks+=lightning_tokens.callbacks.steering.Steering", f"--trainer.callbacks.path={out}"])
