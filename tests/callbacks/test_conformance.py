@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_tokens import CAFT, DFT, ExcessLossSelection, IntuitiveFineTuning, NUPADataModule, QTuning, SSToken, TokenLM
+from lightning_tokens import CAFT, DFT, OneTokenRollout, ExcessLossSelection, IntuitiveFineTuning, NUPADataModule, QTuning, SSToken, TokenLM
 from lightning_tokens.callbacks.cut import ContrastiveUnlikelihood, DualCUT
 from lightning_tokens.core import BatchTokenMethod, TokenMethod
 from lightning_tokens.core.errors import ConfigError
@@ -26,6 +26,7 @@ METHODS = [
     ("sstoken", lambda: SSToken(ratio=0.5)),
     ("ift", lambda: IntuitiveFineTuning()),
     ("caft", lambda: CAFT(num_heads=2)),
+    ("otr", lambda: OneTokenRollout(estimator="sample", num_samples=8)),
 ]
 
 
