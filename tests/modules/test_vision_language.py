@@ -186,3 +186,27 @@ def test_bad_inputs_get_clear_errors():
         model.processor(images(2), ["q"], ["a"])
     with pytest.raises(ConfigError, match="vision"):
         VisionLanguageLM(model="tiny-qwen2-vl", vision=TINY_VIT)
+
+
+def test_fit_resumes_exactly_from_a_checkpoint(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_tokens import VisualQADataModule
+
+    def run(ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        model = VisionLanguageLM(model="tiny-llama", tokenizer="char", model_config=TINY_LM, vision=TINY_VIT,
+                                 resampler=TINY_RESAMPLER, train_language_model=True)
+        data = VisualQADataModule(tasks=["counting", "mci"], image_size=40, max_count=2, max_distractors=1,
+                                  num_train=16, num_val=2, num_test=2, batch_size=4, seed=0)
+        every_two = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+        trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0, callbacks=[every_two])
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+        return model
+
+    straight = run()
+    resumed = run(ckpt_path=str(tmp_path / "step=2.ckpt"))  # mid-epoch: the shuffled order resumes too
+    trained = {k: v for k, v in straight.state_dict().items() if k.startswith(("connector.", "model."))}
+    assert trained and all(torch.equal(resumed.state_dict()[k], v) for k, v in trained.items())
