@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import codecs
 import csv
 import hashlib
 import io
@@ -13,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lightning_tokens.core.errors import ConfigError, DataError, MissingFileError
+from lightning_tokens.core.errors import ConfigError, DataError
+from lightning_tokens.datamodules.text_files import read_utf8_text
 
 __all__ = ["SFTDataError", "stable_example_id"]
 
@@ -49,24 +49,14 @@ def _json_value(text: str) -> Any:
 def _read_text(path: str) -> str:
     """The UTF-8 text of ``path`` (a leading byte-order mark dropped); invalid UTF-8 is an
     :class:`SFTDataError` naming the line and the byte column."""
-    if not os.path.isfile(path):
-        raise MissingFileError(f"SFT data file {path!r} does not exist.")
-    with open(path, "rb") as handle:
-        data = handle.read()
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        before = data[: err.start]  # lines end with \n, \r\n or \r, as in text mode
-        line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
-        line_start = max(before.rfind(b"\n"), before.rfind(b"\r")) + 1
-        raise _error(
+    return read_utf8_text(
+        path,
+        f"SFT data file {path!r} does not exist.",
+        lambda line, column, byte, reason: _error(
             f"{path}, line {line}", None,
-            f"not UTF-8 text (byte 0x{data[err.start]:02x} at byte column {err.start - line_start + 1}: {err.reason}); "
-            "save the file as UTF-8.",
-        ) from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() in text mode
+            f"not UTF-8 text (byte 0x{byte:02x} at byte column {column}: {reason}); save the file as UTF-8.",
+        ),
+    )
 
 
 def stable_example_id(value: str | int | float) -> int:

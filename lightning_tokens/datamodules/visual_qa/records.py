@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import json
@@ -25,7 +24,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from lightning_tokens.core.errors import ConfigError, DataError, MissingFileError
+from lightning_tokens.core.errors import ConfigError, DataError
+from lightning_tokens.datamodules.text_files import read_utf8_text
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -144,19 +144,13 @@ class VisualQAExample:
 
 # -- reading files ----------------------------------------------------------------------------------------
 def _read_text(path: str, option: str) -> str:
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{option} {path!r} does not exist; fix the path in {option}.")
-    with open(path, "rb") as handle:
-        data = handle.read()
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        before = data[: err.start]
-        line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
-        raise VisualQADataError(f"{path}, line {line}: not UTF-8 text ({err.reason}); save the file as UTF-8.") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    return read_utf8_text(
+        path,
+        f"{option} {path!r} does not exist; fix the path in {option}.",
+        lambda line, column, byte, reason: VisualQADataError(
+            f"{path}, line {line}: not UTF-8 text ({reason}); save the file as UTF-8."
+        ),
+    )
 
 
 def _json_records(path: str, text: str) -> list[tuple[str, Any]]:
