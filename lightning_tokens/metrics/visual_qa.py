@@ -24,6 +24,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.wrappers.abstract import WrapperMetric
 
 from lightning_tokens.core.errors import ConfigError
+from lightning_tokens.metrics.gvtbench import _check_pair, _SumCountMetric
 
 __all__ = [
     "DigitAccuracy",
@@ -37,46 +38,17 @@ __all__ = [
 _NUMBER = re.compile(r"\d+")
 
 
-def _check(predictions: Sequence[str], targets: Sequence[str]) -> tuple[list[str], list[str]]:
-    if isinstance(predictions, str) or isinstance(targets, str):
-        raise TypeError("predictions and targets must be sequences of strings, not a single string.")
-    predictions, targets = list(predictions), list(targets)
-    if len(predictions) != len(targets):
-        raise ConfigError(f"Got {len(predictions)} predictions but {len(targets)} targets.")
-    return predictions, targets
+class _MeanMetric(_SumCountMetric):
+    """Mean of a per-example 0/1 score (GVTBench's sum / count states); NaN before any example."""
 
-
-class _MeanMetric(Metric):
-    """Mean of a per-example 0/1 score (sums reduced across processes); NaN before any example."""
-
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
-    _state_prefix = ""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state(f"{self._state_prefix}_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state(f"{self._state_prefix}_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def _score(self, prediction: str, target: str) -> bool:
         raise NotImplementedError
 
-    def update(self, predictions: Sequence[str], targets: Sequence[str]) -> None:
-        """Add a batch of (post-processed) answers and their targets."""
-        predictions, targets = _check(predictions, targets)
-        name = self._state_prefix
-        total = float(sum(self._score(p, t) for p, t in zip(predictions, targets)))
-        setattr(self, f"{name}_sum", getattr(self, f"{name}_sum") + total)
-        setattr(self, f"{name}_count", getattr(self, f"{name}_count") + len(predictions))
-
-    def compute(self) -> torch.Tensor:
-        """The mean score as a float32 scalar (NaN before any example)."""
-        total = getattr(self, f"{self._state_prefix}_sum")
-        count = getattr(self, f"{self._state_prefix}_count")
-        if int(count) == 0:
-            return torch.tensor(float("nan"), device=total.device)
-        return (total / count).float()
+    def _batch_sum(self, predictions: Sequence[str], targets: Sequence[str]) -> tuple[float, int]:
+        predictions, targets = _check_pair(predictions, targets)
+        return float(sum(self._score(p, t) for p, t in zip(predictions, targets))), len(predictions)
 
 
 class DigitAccuracy(_MeanMetric):
@@ -159,7 +131,7 @@ class DomainMetric(WrapperMetric):
     def _select(
         self, predictions: Sequence[str], targets: Sequence[str], domains: Sequence[str]
     ) -> tuple[list[str], list[str]]:
-        predictions, targets = _check(predictions, targets)
+        predictions, targets = _check_pair(predictions, targets)
         if isinstance(domains, str):
             domains = [domains] * len(predictions)
         if len(domains) != len(predictions):
