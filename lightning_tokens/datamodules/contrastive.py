@@ -38,6 +38,7 @@ from lightning_tokens.core.seeding import SeedOption
 from lightning_tokens.core.stats import IGNORE_INDEX
 from lightning_tokens.datamodules.sampling import ResumableDataMixin
 from lightning_tokens.datamodules.sft.chat import _ChatTemplate
+from lightning_tokens.datamodules.sft.datamodule import check_data_sizes
 from lightning_tokens.datamodules.sft.records import _error, _read_records, stable_example_id
 from lightning_tokens.models.tokenizers import bos_prefix, datamodule_tokenizer, ensure_pad_token
 
@@ -279,14 +280,7 @@ class ContrastiveDataModule(ResumableDataMixin, L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_choice(type(self).__name__, "template", template, ("plain", "chat"))
-        if max_length < 2:
-            raise ConfigError(f"max_length must be >= 2, got {max_length}.")
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ConfigError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}.")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
-        if val_file is not None and val_fraction > 0:
-            raise ConfigError("Give either val_file or val_fraction (a hold-out of train_file), not both.")
+        check_data_sizes(max_length, batch_size, eval_batch_size, val_file, val_fraction)
         self.save_hyperparameters({
             "train_file": train_file, "val_file": val_file, "data_tokenizer": tokenizer if isinstance(tokenizer, str) else None,
             "template": template, "max_length": max_length, "add_eos": add_eos, "batch_size": batch_size,

@@ -28,6 +28,20 @@ from lightning_tokens.models.tokenizers import bos_prefix, datamodule_tokenizer
 __all__ = ["SFTDataModule"]
 
 
+def check_data_sizes(
+    max_length: int, batch_size: int, eval_batch_size: int, val_file: str | None, val_fraction: float
+) -> None:
+    """The size arguments shared by the datamodules that tokenize your files (SFT, contrastive pairs)."""
+    if max_length < 2:
+        raise ConfigError(f"max_length must be >= 2, got {max_length}.")
+    if batch_size < 1 or eval_batch_size < 1:
+        raise ConfigError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}.")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    if val_file is not None and val_fraction > 0:
+        raise ConfigError("Give either val_file or val_fraction (a hold-out of train_file), not both.")
+
+
 class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
     """Supervised fine-tuning on your own JSONL / JSON / CSV files: completions, chats or plain text.
 
@@ -154,14 +168,7 @@ class SFTDataModule(ResumableDataMixin, L.LightningDataModule):
         for name, value, allowed in (("format", format, _FORMATS), ("schema", schema, _SCHEMAS), ("truncation", truncation, _POLICIES)):
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}.")
-        if max_length < 2:
-            raise ConfigError(f"max_length must be >= 2, got {max_length}.")
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ConfigError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}.")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
-        if val_file is not None and val_fraction > 0:
-            raise ConfigError("Give either val_file or val_fraction (a hold-out of train_file), not both.")
+        check_data_sizes(max_length, batch_size, eval_batch_size, val_file, val_fraction)
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
         if fait_char_diff not in ("levenshtein", "difflib"):
