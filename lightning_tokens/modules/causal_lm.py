@@ -407,13 +407,18 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
             for prompt, text in zip(batch["prompts"], outputs)
         ]
 
+    def generation_budget(self, max_new_tokens: int | None = None) -> int:
+        """New tokens to generate: the argument, else ``max_new_tokens`` of this module, else the attached
+        datamodule's ``generation_max_new_tokens``, else 32 (also outside a trainer)."""
+        if max_new_tokens is not None:
+            return max_new_tokens
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return self.max_new_tokens or getattr(datamodule, "generation_max_new_tokens", 32)
+
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
         """Greedy continuations of the left-padded ``prompt_input_ids`` of a batch, decoded."""
-        if max_new_tokens is None:
-            max_new_tokens = self.max_new_tokens or getattr(
-                getattr(self.trainer, "datamodule", None), "generation_max_new_tokens", 32
-            )
+        max_new_tokens = self.generation_budget(max_new_tokens)
         prompt = batch["prompt_input_ids"]
         tok = self.tokenizer
         with gathered_root(self):

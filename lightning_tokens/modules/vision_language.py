@@ -336,12 +336,7 @@ class VisionLanguageLM(TokenLM):
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
         """Greedy answers to the left-padded prompts of a batch (with their images), decoded."""
-        if max_new_tokens is None:
-            max_new_tokens = self.max_new_tokens or getattr(
-                getattr(self._trainer, "datamodule", None) if self._trainer is not None else None,
-                "generation_max_new_tokens",
-                32,
-            )
+        max_new_tokens = self.generation_budget(max_new_tokens)
         tok = self.tokenizer
         prompt, mask = batch["prompt_input_ids"], batch.get("prompt_attention_mask")
         options = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
