@@ -76,6 +76,7 @@ _EXPORTS = {
     "TokenLM": "lightning_tokens.modules",
     "GRPO": "lightning_tokens.modules",
     "GRAO": "lightning_tokens.modules",
+    "VisionLanguageGRPO": "lightning_tokens.modules",
     "VisionLanguageLM": "lightning_tokens.modules",
     "VisionSettings": "lightning_tokens.modules",
     "ResamplerSettings": "lightning_tokens.modules",

@@ -5,6 +5,7 @@ from lightning_tokens.modules.corda import CordaSettings
 from lightning_tokens.modules.grao import GRAO
 from lightning_tokens.modules.grpo import GRPO
 from lightning_tokens.modules.vision_language import ResamplerSettings, VisionLanguageLM, VisionSettings
+from lightning_tokens.modules.vision_language_grpo import VisionLanguageGRPO
 from lightning_tokens.modules.visual_tokenizer import VisualTokenizerDistillation
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "OptimizerSettings",
     "ResamplerSettings",
     "TokenLM",
+    "VisionLanguageGRPO",
     "VisionLanguageLM",
     "VisionSettings",
     "VisualTokenizerDistillation",

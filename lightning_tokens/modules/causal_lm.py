@@ -418,19 +418,42 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
         """Greedy continuations of the left-padded ``prompt_input_ids`` of a batch, decoded."""
-        max_new_tokens = self.generation_budget(max_new_tokens)
+        new = self.generate_ids(batch, max_new_tokens=self.generation_budget(max_new_tokens), do_sample=False)
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate_ids(self, batch: dict[str, Any], **options: Any) -> Tensor:
+        """The new token ids ``(N, C)`` generated after the left-padded ``prompt_input_ids`` of ``batch``.
+
+        ``options`` go to Hugging Face ``generate`` (``max_new_tokens``, ``do_sample``, ``temperature``...);
+        padding and end-of-sequence ids are the tokenizer's. Subclasses that feed more than token ids (images)
+        override this, so greedy evaluation and GRPO's sampling share it.
+        """
         prompt = batch["prompt_input_ids"]
         tok = self.tokenizer
         with gathered_root(self):
             generated = self.causal_lm.generate(
-                input_ids=prompt,
-                attention_mask=batch.get("prompt_attention_mask"),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
+                input_ids=prompt, attention_mask=batch.get("prompt_attention_mask"),
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **options,
             )
-        return tok.batch_decode(generated[:, prompt.shape[1] :], skip_special_tokens=True)
+        return generated[:, prompt.shape[1] :]
+
+    def repeat_prompts(self, batch: dict[str, Any], repeats: int) -> dict[str, Any]:
+        """The generation inputs of ``batch`` with each prompt repeated ``repeats`` times in a row (GRPO's
+        groups): ``prompt_input_ids`` and ``prompt_attention_mask`` here; subclasses add their inputs."""
+        return {key: batch[key].repeat_interleave(repeats, 0) for key in ("prompt_input_ids", "prompt_attention_mask")}
+
+    def rollout_inputs(self, batch: dict[str, Any], repeats: int, input_ids: Tensor, prompt_mask: Tensor) -> dict[str, Tensor]:
+        """Model inputs besides token ids for training rows built from the prompts of ``batch`` (each repeated
+        ``repeats`` times) followed by their completions: none for a text LM; images for a vision-language one.
+
+        Args:
+            batch: the prompt batch.
+            repeats: rows per prompt.
+            input_ids: ``(N, L)`` the rows (prompt without its left padding, then the completion).
+            prompt_mask: ``(N, P)`` the repeated prompts' attention mask.
+        """
+        return {}
 
     # ---- optimisation ----------------------------------------------------------------------------
     @override

@@ -249,34 +249,29 @@ class GRPO(TokenLM):
         rows per prompt. The seed is that of the next rollout; the global RNG state is left as it was.
         """
         _check_prompt_batch(batch)
-        g = self.num_generations
-        prompt_ids = batch["prompt_input_ids"].repeat_interleave(g, 0)
-        prompt_mask = batch["prompt_attention_mask"].repeat_interleave(g, 0)
+        repeated = self.repeat_prompts(batch, self.num_generations)
+        prompt_ids, prompt_mask = repeated["prompt_input_ids"], repeated["prompt_attention_mask"]
         if self.rollout_engine is not None:
             return prompt_ids, prompt_mask, self._sample_with_engine(batch, prompt_ids)
-        tok = self.tokenizer
         model = self.causal_lm
         was_training = model.training
         devices = [prompt_ids.device] if prompt_ids.is_cuda else []
-        with torch.random.fork_rng(devices=devices), gathered_root(self):
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self._rollout_seed())
             model.eval()
             try:
-                generated = model.generate(
-                    input_ids=prompt_ids,
-                    attention_mask=prompt_mask,
+                completion_ids = self.generate_ids(
+                    repeated,
                     do_sample=True,
                     temperature=self.temperature,
                     top_p=self.top_p,
                     top_k=self.top_k or 0,
                     max_new_tokens=self.max_completion_length,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
                     use_cache=True,
                 )
             finally:
                 model.train(was_training)
-        return prompt_ids, prompt_mask, generated[:, prompt_ids.shape[1] :]
+        return prompt_ids, prompt_mask, completion_ids
 
     def _sample_with_engine(self, batch: dict[str, Any], like: Tensor) -> Tensor:
         engine = self.rollout_engine
@@ -322,6 +317,7 @@ class GRPO(TokenLM):
         advantages = group_advantages(result.total, groups, eps=self.advantage_eps, norm_by_std=self.scale_rewards)
         self.rollouts_done += 1
         training_batch = {"input_ids": rows.input_ids, "attention_mask": rows.attention_mask, "labels": rows.labels}
+        training_batch.update(self.rollout_inputs(batch, g, rows.input_ids, prompt_mask))
         rollout = Rollout(
             batch=training_batch, advantages=advantages.float(), rewards=result.total, per_function=result.per_function,
             completions=completions, prompts=prompts, completion_lengths=rows.completion_lengths,

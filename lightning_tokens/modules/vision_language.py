@@ -45,7 +45,15 @@ from lightning_tokens.modules.causal_lm import (
 )
 from lightning_tokens.modules.quantization import QuantizationMode, bnb_config
 from lightning_tokens.modules.sharding import gathered_root
-from lightning_tokens.modules.visual_inputs import GVTProcessor, HFVisionTextProcessor, splice_visual_tokens
+from lightning_tokens.modules.visual_inputs import (
+    IMAGE_END,
+    IMAGE_PLACEHOLDER,
+    IMAGE_START,
+    GVTProcessor,
+    HFVisionTextProcessor,
+    repeat_image_inputs,
+    splice_visual_tokens,
+)
 
 
 @dataclass
@@ -334,23 +342,57 @@ class VisionLanguageLM(TokenLM):
     # ---- generation ------------------------------------------------------------------------------
     @override
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
-        """Greedy answers to the left-padded prompts of a batch (with their images), decoded."""
-        max_new_tokens = self.generation_budget(max_new_tokens)
+    def generate_ids(self, batch: dict[str, Any], **options: Any) -> Tensor:
+        """New token ids after the left-padded prompts of a batch, with their images (see :meth:`TokenLM.generate_ids`)."""
         tok = self.tokenizer
         prompt, mask = batch["prompt_input_ids"], batch.get("prompt_attention_mask")
-        options = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        options = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **options)
+        # a sampled image token in a completion would break the image/placeholder count of its training row
+        options.setdefault("suppress_tokens", self.image_token_ids())
         with gathered_root(self):
             if self._hf_vlm:
                 images = {k: batch[k] for k in _IMAGE_KEYS if k in batch and k != "mm_token_type_ids"}
                 if "prompt_mm_token_type_ids" in batch:
                     images["mm_token_type_ids"] = batch["prompt_mm_token_type_ids"]
                 generated = self.causal_lm.generate(input_ids=prompt, attention_mask=mask, **images, **options)
-                new = generated[:, prompt.shape[1] :]
-            else:
-                embeds = self.input_embeddings(prompt, batch.get("pixel_values"))
-                new = self.causal_lm.generate(inputs_embeds=embeds, attention_mask=mask, **options)
-        return tok.batch_decode(new, skip_special_tokens=True)
+                return generated[:, prompt.shape[1] :]
+            embeds = self.input_embeddings(prompt, batch.get("pixel_values"))
+            # from inputs_embeds alone, generate returns the new tokens only
+            return self.causal_lm.generate(inputs_embeds=embeds, attention_mask=mask, **options)
+
+    def image_token_ids(self) -> list[int]:
+        """Ids of the tokens that mark or hold images (placeholders, delimiters), which generation never emits."""
+        if not self._hf_vlm:
+            tok = self.tokenizer
+            return [tok.convert_tokens_to_ids(t) for t in (IMAGE_START, IMAGE_PLACEHOLDER, IMAGE_END)]
+        config = self.causal_lm.config
+        names = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                 "fake_image_token_id", "global_image_token_id")
+        found = (getattr(config, name, None) for name in names)
+        return sorted({int(i) for i in found if isinstance(i, int) and i >= 0})
+
+    @override
+    def repeat_prompts(self, batch: dict[str, Any], repeats: int) -> dict[str, Any]:
+        """The prompts, their images and image layout keys, each repeated ``repeats`` times in a row."""
+        out = super().repeat_prompts(batch, repeats)
+        out.update(repeat_image_inputs(batch, repeats))
+        if "prompt_mm_token_type_ids" in batch:
+            out["prompt_mm_token_type_ids"] = batch["prompt_mm_token_type_ids"].repeat_interleave(repeats, 0)
+        return out
+
+    @override
+    def rollout_inputs(self, batch: dict[str, Any], repeats: int, input_ids: Tensor, prompt_mask: Tensor) -> dict[str, Tensor]:
+        """The images of the rows (repeated), and for Qwen2-VL the rows' ``mm_token_type_ids``: the prompt's,
+        without its left padding, then 0 on the completion."""
+        out = repeat_image_inputs(batch, repeats)
+        if "prompt_mm_token_type_ids" in batch:
+            types = batch["prompt_mm_token_type_ids"].repeat_interleave(repeats, 0)
+            rows = torch.zeros_like(input_ids)
+            for i, (row_types, keep) in enumerate(zip(types, prompt_mask.bool())):
+                kept = row_types[keep.to(row_types.device)]
+                rows[i, : kept.shape[0]] = kept
+            out["mm_token_type_ids"] = rows
+        return out
 
     @override
     def save_pretrained(self, path: str) -> None:

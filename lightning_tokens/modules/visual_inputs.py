@@ -59,6 +59,29 @@ def splice_visual_tokens(embeds: Tensor, input_ids: Tensor, placeholder_id: int,
     return embeds.masked_scatter(mask.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
 
 
+#: Image keys whose first dimension is the image (one per prompt), besides Qwen2-VL's flattened ``pixel_values``.
+_PER_IMAGE_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
+
+
+def repeat_image_inputs(batch: dict[str, Any], repeats: int) -> dict[str, Tensor]:
+    """The image inputs of a batch with one image per prompt, each repeated ``repeats`` times in a row (the
+    rows of GRPO's groups). Qwen2-VL's ``pixel_values`` are the patches of all images stacked, ``image_grid_thw``
+    rows long each, so they repeat image by image; the other keys repeat along their first dimension.
+
+    Example:
+        >>> out = repeat_image_inputs({"pixel_values": torch.arange(5.0).unsqueeze(1),
+        ...                            "image_grid_thw": torch.tensor([[1, 1, 2], [1, 1, 3]])}, 2)
+        >>> out["pixel_values"].flatten().tolist(), out["image_grid_thw"][:, 2].tolist()
+        ([0.0, 1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 2.0, 3.0, 4.0], [2, 2, 3, 3])
+    """
+    out = {key: batch[key].repeat_interleave(repeats, 0) for key in _PER_IMAGE_KEYS if key in batch}
+    grid = batch.get("image_grid_thw")
+    if grid is not None and "pixel_values" in batch:
+        patches = batch["pixel_values"].split(grid.prod(-1).tolist(), dim=0)
+        out["pixel_values"] = torch.cat([chunk for chunk in patches for _ in range(repeats)], dim=0)
+    return out
+
+
 def _pad(rows: Sequence[Sequence[int]], value: int, left: bool) -> Tensor:
     width = max(len(row) for row in rows)
     out = torch.full((len(rows), width), value, dtype=torch.long)
