@@ -80,6 +80,7 @@ _EXPORTS = {
     "VisionLanguageLM": "lightning_tokens.modules",
     "VisionSettings": "lightning_tokens.modules",
     "ResamplerSettings": "lightning_tokens.modules",
+    "TimeSeriesDataModule": "lightning_tokens.datamodules",
     "VisualQADataModule": "lightning_tokens.datamodules",
     "VisualTokenizerDistillation": "lightning_tokens.modules",
     "ImageDataModule": "lightning_tokens.datamodules",

@@ -212,7 +212,11 @@ class EMAReference(ReferenceProvider):
         self.steps = 0
 
     def _tracked(self, module: ReferenceHost) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in module.model.named_parameters() if p.requires_grad}
+        """The module's trainable parameters: its ``reference_parameters()`` when it has one (a vision-language
+        module adds its connector), else those of ``module.model``."""
+        own = getattr(module, "reference_parameters", None)
+        params = own() if own is not None else dict(module.model.named_parameters())
+        return {name: p for name, p in params.items() if p.requires_grad}
 
     def setup(self, module: ReferenceHost) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -222,8 +226,9 @@ class EMAReference(ReferenceProvider):
                 "reference.mode=ema under FSDPStrategy is not supported (its flat-parameter shards cannot be swapped "
                 "per tensor): use ModelParallelStrategy (FSDP2), or reference.mode=model / adapter_disabled / offline."
             )
-        if not self.average:
-            self.average = {name: p.detach().clone() for name, p in self._tracked(module).items()}
+        for name, p in self._tracked(module).items():  # parameters built after an earlier setup call join too
+            if name not in self.average:
+                self.average[name] = p.detach().clone()
 
     def match_layout(self, module: ReferenceHost) -> dict[str, torch.nn.Parameter]:
         """Give every average the device, dtype and (under FSDP2) the sharding of its parameter; returns

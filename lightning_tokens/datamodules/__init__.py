@@ -1,7 +1,7 @@
 """LightningDataModules, one per data source: ``sft/`` (your JSONL / JSON / CSV files), ``nupa/`` (Number
 Cookbook tasks generated in code), ``filters/`` (record filters for data selection), ``sampling.py``
 (resumable shuffling), ``visual_qa/`` (image question answering: your files, or a GVTBench-style benchmark
-generated in code)."""
+generated in code), ``time_series/`` (time series classification as TimeMaster prompts: plots or numbers)."""
 
 from lightning_tokens.datamodules.contrastive import ContrastiveCollator, ContrastiveDataModule, collate_contrastive
 from lightning_tokens.datamodules.images import ImageDataModule, ImageFolderDataset
@@ -26,6 +26,7 @@ from lightning_tokens.datamodules.sft import (
     packed_attention_mask,
     stable_example_id,
 )
+from lightning_tokens.datamodules.time_series import TimeSeriesDataModule
 from lightning_tokens.datamodules.visual_qa import (
     BENCHMARK_TASKS,
     VisionTextProcessor,
@@ -46,6 +47,7 @@ __all__ = [
     "VisionTextProcessor",
     "VisualQACollator",
     "VisualQADataError",
+    "TimeSeriesDataModule",
     "VisualQADataModule",
     "VisualQADataset",
     "VisualQAExample",

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -100,6 +101,8 @@ torch.serialization.add_safe_globals([VisionSettings, ResamplerSettings])
 
 #: Batch keys that carry images (and their layout) to the model, besides ``input_ids``.
 _IMAGE_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "mm_token_type_ids")
+#: The GVT connector's weights in an exported folder (beside the language model's).
+CONNECTOR_FILE = "connector.safetensors"
 #: Modules of Hugging Face VLMs that map vision features to the LM (they train when the LM is frozen).
 _PROJECTOR_NAMES = ("merger", "multi_modal_projector", "connector")
 
@@ -190,6 +193,7 @@ class VisionLanguageLM(TokenLM):
         self.train_language_model = train_language_model
         self.vision_encoder: nn.Module | None = None
         self.connector: VisualConnector | None = None
+        self.reference_connector: VisualConnector | None = None  # the frozen ``model`` reference's connector
         self._processor: GVTProcessor | HFVisionTextProcessor | None = None
 
     # ---- construction ----------------------------------------------------------------------------
@@ -239,6 +243,44 @@ class VisionLanguageLM(TokenLM):
         super().configure_model()
         width = self.causal_lm.get_input_embeddings().weight.shape[1]
         self.connector = VisualConnector(self.vision_encoder.num_features, width, self.resampler_settings)
+        self._load_exported_connector()
+        if self.reference is not None:  # again: the EMA average takes in the connector
+            self.reference.setup(self)
+        if self.reference_model is not None:
+            # a frozen reference model scores with the connector it was exported with (else the starting one)
+            self.reference_connector = copy.deepcopy(self.connector).requires_grad_(False)
+            settings = getattr(self.reference, "settings", None)
+            reference_path = getattr(settings, "model", None)
+            if reference_path and reference_path != self.model_name:
+                self._load_exported_connector(reference_path, self.reference_connector)
+
+    def _load_exported_connector(self, folder: str | None = None, connector: nn.Module | None = None) -> None:
+        """A folder written by :meth:`save_pretrained` holds the trained connector beside the LM: start from it
+        (the next stage of a recipe, e.g. GRPO after SFT, names the exported folder as its ``model``)."""
+        import os
+
+        path = os.path.join(os.path.expanduser(folder or self.model_name), CONNECTOR_FILE)
+        if not os.path.isfile(path):
+            return
+        from safetensors.torch import load_file
+
+        connector = self.connector if connector is None else connector
+        state = load_file(path)
+        expected = connector.state_dict()
+        mismatched = sorted(k for k in expected if k not in state or state[k].shape != expected[k].shape)
+        if mismatched or set(state) - set(expected):
+            raise ConfigError(
+                f"{path} was saved with another vision/resampler shape (first mismatch: {(mismatched or sorted(set(state) - set(expected)))[0]}): "
+                "use the vision and resampler settings of the run that exported it."
+            )
+        connector.load_state_dict(state)
+
+    def reference_parameters(self) -> dict[str, nn.Parameter]:
+        """What an EMA reference averages: the language model's parameters and the connector's (``connector.``)."""
+        params = dict(self.model.named_parameters()) if self.model is not None else {}
+        if self.connector is not None:
+            params.update({f"connector.{name}": p for name, p in self.connector.named_parameters()})
+        return params
 
     @override
     def prepare_language_model(self, model: nn.Module) -> nn.Module:
@@ -283,11 +325,12 @@ class VisionLanguageLM(TokenLM):
         return self
 
     # ---- forward ---------------------------------------------------------------------------------
-    def visual_tokens(self, pixel_values: Tensor) -> Tensor:
+    def visual_tokens(self, pixel_values: Tensor, connector: nn.Module | None = None) -> Tensor:
         """``(M, num_latents, lm_width)`` visual tokens of ``M`` images (GVT composition)."""
+        connector = self.connector if connector is None else connector
         with torch.no_grad():
             features = self.vision_encoder(pixel_values)
-        return self.connector(features.to(self.connector.proj.weight.dtype))
+        return connector(features.to(connector.proj.weight.dtype))
 
     @override
     def forward(
@@ -330,7 +373,8 @@ class VisionLanguageLM(TokenLM):
             if bool((input_ids == placeholder).any()):
                 raise ConfigError("the prompts hold image placeholders but the batch has no pixel_values.")
             return embeds
-        return splice_visual_tokens(embeds, input_ids, placeholder, self.visual_tokens(pixel_values))
+        connector = self.reference_connector if lm is self.reference_model and self.reference_connector is not None else None
+        return splice_visual_tokens(embeds, input_ids, placeholder, self.visual_tokens(pixel_values, connector))
 
     @override
     def hidden_states(self, batch: dict[str, Any], causal_lm: nn.Module | None = None) -> Tensor:
@@ -404,7 +448,7 @@ class VisionLanguageLM(TokenLM):
 
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in self.connector.state_dict().items()}, os.path.join(path, "connector.safetensors"))
+            save_file({k: v.contiguous() for k, v in self.connector.state_dict().items()}, os.path.join(path, CONNECTOR_FILE))
 
 
 def _language_model_lora(settings: LoRASettings) -> LoRASettings:

@@ -95,7 +95,14 @@ def _pad(rows: Sequence[Sequence[int]], value: int, left: bool) -> Tensor:
     return out
 
 
-def _batch(prompts: list[list[int]], answers: list[list[int]] | None, pad_id: int) -> dict[str, Tensor]:
+def answer_only_batch(prompts: list[list[int]], answers: list[list[int]] | None, pad_id: int) -> dict[str, Tensor]:
+    """Token rows → left-padded ``prompt_input_ids``/``prompt_attention_mask`` and, with answers, right-padded
+    ``input_ids``/``attention_mask`` (prompt + answer) and ``labels`` on the answer tokens only.
+
+    Example:
+        >>> answer_only_batch([[5, 6], [7]], [[8, 2], [9, 2]], pad_id=0)["labels"].tolist()
+        [[-100, -100, 8, 2], [-100, 9, 2, -100]]
+    """
     batch = {
         "prompt_input_ids": _pad(prompts, pad_id, left=True),
         "prompt_attention_mask": _pad([[1] * len(p) for p in prompts], 0, left=True),
@@ -164,7 +171,7 @@ class GVTProcessor:
         if answers is not None:
             eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
             answer_ids = [tok(a, add_special_tokens=False)["input_ids"] + eos for a in answers]
-        batch = _batch(prompts, answer_ids, tok.pad_token_id)
+        batch = answer_only_batch(prompts, answer_ids, tok.pad_token_id)
         batch["pixel_values"] = self.transform(images)
         return batch
 
@@ -200,7 +207,7 @@ class HFVisionTextProcessor:
         if answers is not None:
             eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
             answer_rows = [tok(a, add_special_tokens=False)["input_ids"] + eos for a in answers]
-        batch.update(_batch(prompt_rows, answer_rows, tok.pad_token_id))
+        batch.update(answer_only_batch(prompt_rows, answer_rows, tok.pad_token_id))
         if "mm_token_type_ids" in encoded:  # Qwen2-VL's M-RoPE reads which positions hold image tokens
             types = [t[m.bool()].tolist() for t, m in zip(encoded["mm_token_type_ids"], encoded["attention_mask"])]
             batch["prompt_mm_token_type_ids"] = _pad(types, 0, left=True)

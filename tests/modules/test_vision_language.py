@@ -210,3 +210,44 @@ def test_fit_resumes_exactly_from_a_checkpoint(tmp_path):
     resumed = run(ckpt_path=str(tmp_path / "step=2.ckpt"))  # mid-epoch: the shuffled order resumes too
     trained = {k: v for k, v in straight.state_dict().items() if k.startswith(("connector.", "model."))}
     assert trained and all(torch.equal(resumed.state_dict()[k], v) for k, v in trained.items())
+
+
+def test_an_exported_folder_restarts_with_its_trained_connector(tmp_path):
+    torch.manual_seed(0)
+    model = gvt_model(train_language_model=True)
+    with torch.no_grad():
+        for p in model.connector.parameters():
+            p.add_(torch.randn_like(p))  # "trained": differs from any fresh initialisation
+    model.save_pretrained(str(tmp_path))
+    again = VisionLanguageLM(model=str(tmp_path), vision=TINY_VIT, resampler=TINY_RESAMPLER)
+    again.configure_model()
+    again.vision_encoder.load_state_dict(model.vision_encoder.state_dict())  # random-init tower in this test
+    batch = model.processor(images(), QUESTIONS, ANSWERS)
+    assert again.tokenizer.convert_tokens_to_ids(IMAGE_START) == model.tokenizer.convert_tokens_to_ids(IMAGE_START)
+    torch.testing.assert_close(again.hidden_states(batch), model.hidden_states(batch))
+    wrong = VisionLanguageLM(model=str(tmp_path), vision=TINY_VIT, resampler=ResamplerSettings(num_latents=4, depth=2, heads=2, dim_head=16))
+    with pytest.raises(ConfigError, match="another vision/resampler shape"):
+        wrong.configure_model()
+
+
+def test_references_score_with_their_own_connector(tmp_path):
+    from lightning_tokens.core.reference import ReferenceSettings
+
+    torch.manual_seed(0)
+    exported = gvt_model(train_language_model=True)
+    exported.save_pretrained(str(tmp_path))
+    batch = exported.processor(images(), QUESTIONS, ANSWERS)
+    for mode in ("model", "ema"):
+        settings = ReferenceSettings(mode=mode, model=str(tmp_path) if mode == "model" else None)
+        model = VisionLanguageLM(model=str(tmp_path), vision=TINY_VIT, resampler=TINY_RESAMPLER, train_language_model=True,
+                                 reference=settings)
+        model.configure_model()
+        before = model.reference.stats(batch, model).nll
+        policy_before = model.hidden_states(batch).detach()
+        with torch.no_grad():
+            for p in model.connector.parameters():
+                p.add_(1.0)  # the policy's connector moves on; the reference's must not
+        assert not torch.allclose(model.hidden_states(batch), policy_before)
+        torch.testing.assert_close(model.reference.stats(batch, model).nll, before)
+        if mode == "ema":
+            assert any(name.startswith("connector.") for name in model.reference.average)
