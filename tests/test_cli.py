@@ -40,6 +40,10 @@ def test_every_shipped_config_parses_and_instantiates(config, tmp_path):
     if "model: runs/quickstart/export" in text:  # made by an earlier run (test_grpo_config_runs_...): a preset
         config = tmp_path / config.name
         config.write_text(text.replace("model: runs/quickstart/export", "model: tiny-llama\n    tokenizer: char"))
+    if "runs/timemaster_sft/export" in text:  # made by configs/timemaster_sft.yaml (test_timemaster_recipe): a preset
+        config = tmp_path / config.name
+        text = text.replace("    model: runs/timemaster_sft/export", "    model: tiny-llama\n    tokenizer: smollm2-135m-instruct", 1)
+        config.write_text(text.replace("model: runs/timemaster_sft/export", "model: tiny-llama"))
     if "QLoRAPrecision" in config.read_text() and not torch.cuda.is_available():
         # Lightning's bitsandbytes plugin needs CUDA: the config stops at once, saying what to use instead
         with pytest.raises(ValueError, match=r"needs a CUDA GPU.*set model\.quantization: nf4"):
@@ -223,3 +227,40 @@ def test_grpo_config_runs_from_an_exported_quickstart(tmp_path):
     assert summary["examples"] == 4 and 0 <= summary["mean_js"] <= math.log(2)
     assert {"accuracy_base", "accuracy_tuned", "accuracy_forward", "accuracy_backward", "near_zero_fraction"} <= set(summary)
     assert (tmp_path / "div" / "divergence.png").exists() and (tmp_path / "div" / "tokens.csv").exists()
+
+
+def _timemaster_fast(tmp_path, name):
+    return [
+        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false",
+        f"--output_dir={tmp_path / name}", f"--data.init_args.cache_dir={tmp_path / 'plots'}",
+        "--data.init_args.num_train=4", "--data.init_args.num_val=2", "--data.init_args.num_test=2",
+        "--data.init_args.batch_size=2", "--data.init_args.eval_batch_size=2",
+    ]
+
+
+def test_timemaster_recipe_sft_export_grpo_and_the_numeric_ablation(tmp_path):
+    """configs/timemaster_*.yaml as their headers say: SFT on plots, export, GRPO from the export (reference:
+    the frozen SFT model), test; and the numeric-input ablation."""
+    configs = Path(QUICKSTART).parent
+    small = ["--model.init_args.model_config={num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64}",
+             "--model.init_args.vision.image_size=64"]
+    sft = cli(["fit", "--config", str(configs / "timemaster_sft.yaml"), *_timemaster_fast(tmp_path, "sft"), *small])
+    assert {"val/accuracy", "val/format"} <= set(sft.trainer.callback_metrics)
+    export = tmp_path / "sft" / "export"
+    cli(["export", "--config", str(configs / "timemaster_sft.yaml"), *_timemaster_fast(tmp_path, "sft"), *small,
+         f"--ckpt_path={tmp_path / 'sft' / 'checkpoints' / 'last.ckpt'}", f"--output={export}"])
+    assert (export / "connector.safetensors").exists()
+    grpo = tmp_path / "grpo.yaml"
+    grpo.write_text((configs / "timemaster_grpo.yaml").read_text().replace("runs/timemaster_sft/export", str(export)))
+    run = cli(["fit", "--config", str(grpo), *_timemaster_fast(tmp_path, "grpo"), "--model.init_args.vision.image_size=64",
+               "--model.init_args.num_generations=2", "--model.init_args.max_completion_length=8"])
+    metrics = run.trainer.callback_metrics
+    assert {"train/reward", "train/kl", "train/rewards/timemaster/mean", "val/accuracy"} <= set(metrics)
+    lines = next((tmp_path / "grpo").rglob("completions.jsonl")).read_text().splitlines()
+    assert all(0.0 <= json.loads(line)["timemaster"] <= 1.0 for line in lines)
+    test = cli(["test", "--config", str(grpo), *_timemaster_fast(tmp_path, "grpo_test"), "--model.init_args.vision.image_size=64",
+                f"--ckpt_path={tmp_path / 'grpo' / 'checkpoints' / 'last.ckpt'}"])
+    assert "test/accuracy" in test.trainer.callback_metrics
+    numeric = cli(["fit", "--config", str(configs / "timemaster_numeric.yaml"), *_timemaster_fast(tmp_path, "numeric"),
+                   "--model.init_args.model_config={num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64, max_position_embeddings: 2048}"])
+    assert "val/accuracy" in numeric.trainer.callback_metrics

@@ -172,3 +172,23 @@ def test_bad_options_fail_early():
         TimeSeriesDataModule(val_source="train")
     with pytest.raises(ConfigError, match="input"):
         TimeSeriesDataModule(input="audio")
+
+
+def test_the_hugging_face_path_runs_grpo_on_plots(tmp_path):
+    """A Qwen2-VL-family model (tiny config) samples answers to rendered plots and trains on TimeMasterReward."""
+    import lightning as L
+
+    from lightning_tokens.modules.vision_language_grpo import VisionLanguageGRPO
+    from lightning_tokens.rewards import RewardSpec
+
+    train, test = user_files(tmp_path)
+    dm = TimeSeriesDataModule(train_file=train, test_file=test, class_names={"1": "Low", "2": "High"}, batch_size=2,
+                              eval_batch_size=2, cache_dir=str(tmp_path / "plots"), seed=0, max_new_tokens=4)
+    model = VisionLanguageGRPO(model="tiny-qwen2-vl", rewards=[RewardSpec("lightning_tokens.rewards.TimeMasterReward", name="timemaster")],
+                               num_generations=2, max_completion_length=6, rollout_seed=0)
+    trainer = L.Trainer(max_steps=1, val_check_interval=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    metrics = trainer.callback_metrics
+    assert {"train/reward", "train/rewards/timemaster/mean", "val/accuracy", "val/format"} <= set(metrics)
+    assert 0.0 <= float(metrics["train/reward"]) <= 1.0
