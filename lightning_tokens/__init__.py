@@ -54,6 +54,7 @@ _EXPORTS = {
     "DualCUT": "lightning_tokens.callbacks",
     "TokenMapLogger": "lightning_tokens.callbacks",
     "Steering": "lightning_tokens.callbacks",
+    "VisionTokenMask": "lightning_tokens.callbacks",
     "ContrastiveDataModule": "lightning_tokens.datamodules",
     "DivergenceWeightedAdvantage": "lightning_tokens.callbacks",
     "SafetyShaping": "lightning_tokens.callbacks",

@@ -22,24 +22,26 @@ from lightning_tokens.callbacks.sstoken import SSToken
 from lightning_tokens.callbacks.steering import Steering
 from lightning_tokens.callbacks.token_maps import TokenMapLogger
 from lightning_tokens.callbacks.unlearning import GenericLabels, SavePretrained
+from lightning_tokens.callbacks.vision_token_mask import VisionTokenMask
 
 __all__ = [
     "CAFT",
     "ContrastiveUnlikelihood",
     "DFT",
-    "DualCUT",
     "DivergenceWeightedAdvantage",
-    "FAIT",
+    "DualCUT",
     "ExcessLossSelection",
+    "FAIT",
     "GenericLabels",
     "IntuitiveFineTuning",
     "JSONLPredictionWriter",
     "OneTokenRollout",
     "QTuning",
     "ResumableCheckpoint",
-    "SSToken",
     "SafetyShaping",
     "SavePretrained",
+    "SSToken",
     "Steering",
     "TokenMapLogger",
+    "VisionTokenMask",
 ]
