@@ -276,12 +276,44 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         self.model = model
         if self.reference is not None:
             self.reference.setup(self)
+        self.build_extra_modules()
+        self.apply_sharding()
+
+    def build_extra_modules(self) -> None:
+        """Hook at the end of :meth:`configure_model`, after the language model and the reference are built
+        and before FSDP2 sharding: subclasses create the modules they add beside the language model here (a
+        vision connector), so that the sharded root unit owns their parameters. The default adds none.
+
+        Example::
+
+            class WithHead(TokenLM):
+                def build_extra_modules(self) -> None:
+                    self.extra_head = torch.nn.Linear(self.causal_lm.config.hidden_size, 1)
+        """
+
+    def apply_sharding(self) -> None:
+        """Under ``ModelParallelStrategy``, ``fully_shard`` the units of :meth:`shard_units`, then this module
+        as the root (every parameter not in a unit); without a device mesh, nothing. Call it once, after every
+        submodule exists."""
         mesh = sharding_mesh(self)
         if mesh is not None:  # ModelParallelStrategy: FSDP2, decoder layers as units, this module as root
-            shard_decoder_layers(self.model, mesh)
-            if self.reference_model is not None:
-                shard_decoder_layers(self.reference_model, mesh)
+            self.shard_units(mesh)
             shard_root(self, mesh)
+
+    def shard_units(self, mesh: Any) -> None:
+        """``fully_shard`` the wrapping units below the root over ``mesh``: the decoder layers of the model and
+        of a reference model. Subclasses add theirs (a vision tower's blocks) and call this.
+
+        Example::
+
+            def shard_units(self, mesh):
+                super().shard_units(mesh)
+                for block in self.extra_tower.blocks:
+                    fully_shard(block, mesh=mesh)
+        """
+        shard_decoder_layers(self.model, mesh)
+        if self.reference_model is not None:
+            shard_decoder_layers(self.reference_model, mesh)
 
     def prepare_language_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Hook between loading the language model and adding LoRA / quantized layers (subclasses grow the

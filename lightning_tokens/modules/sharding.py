@@ -7,7 +7,9 @@ which all-gathers the root's parameters (embeddings, final norm, output heads). 
 resharded after its forward, so the fused token loss reads the output head's full weight after the
 forward, and the root's post-backward reduce-scatters its gradient like any other.
 
-Frozen modules (a reference model) are sharded with the same policy and run under ``no_grad``.
+Frozen modules (a reference model, a vision tower) are sharded with the same policy and run under ``no_grad``.
+A vision-language model adds units: the vision tower's repeated blocks (:func:`vision_blocks`) and the
+connector's resampler layers (:func:`resampler_blocks`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ import torch
 from lightning_tokens.core.distributed import reshard_all
 from lightning_tokens.core.errors import ConfigError
 
-__all__ = ["decoder_layers", "gathered_root", "reshard_all", "shard_decoder_layers", "shard_root", "sharding_mesh"]
+__all__ = [
+    "decoder_layers",
+    "gathered_root",
+    "resampler_blocks",
+    "reshard_all",
+    "shard_decoder_layers",
+    "shard_modules",
+    "shard_root",
+    "sharding_mesh",
+    "vision_blocks",
+]
 
 
 def sharding_mesh(module: Any) -> Any | None:
@@ -56,6 +68,62 @@ def shard_decoder_layers(causal_lm: torch.nn.Module, mesh: Any, reshard_after_fo
 
     for layer in decoder_layers(causal_lm):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+
+
+#: Attribute names of a vision tower's repeated blocks (timm ViTs and Qwen2-VL ``blocks``, timm CNNs
+#: ``stages``, CLIP / SigLIP encoders ``layers``), searched in module order.
+_BLOCK_NAMES = ("blocks", "stages", "layers")
+
+
+def _has_parameters(module: torch.nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def vision_blocks(encoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a vision tower, the FSDP2 units of its parameters (the rest joins the root).
+
+    ``encoder`` is a :class:`~lightning_tokens.models.vision.VisionEncoder` (its ``backbone`` is searched) or a
+    Hugging Face vision tower. The blocks are the children of the first ``blocks`` / ``stages`` / ``layers``
+    container in module order (a timm ViT's ``blocks``, Qwen2-VL's ``visual.blocks``, SigLIP's
+    ``encoder.layers``), or of the backbone itself when it is a ``Sequential`` (MobileNetV2's ``features``).
+    Blocks without parameters are skipped; an unknown layout gives ``[]`` (the whole tower in the root unit,
+    correct but not sharded block by block).
+
+    Example:
+        >>> from lightning_tokens.models.vision import build_vision_encoder
+        >>> encoder = build_vision_encoder("vit_tiny_patch16_224", pretrained=False, image_size=32,
+        ...                                overrides={"patch_size": 8, "depth": 2})
+        >>> len(vision_blocks(encoder))
+        2
+    """
+    backbone = getattr(encoder, "backbone", encoder)
+    if isinstance(backbone, torch.nn.Sequential):
+        return [block for block in backbone if _has_parameters(block)]
+    for name, module in backbone.named_modules():
+        if name.rsplit(".", 1)[-1] in _BLOCK_NAMES and isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
+            return [block for block in module if _has_parameters(block)]
+    return []
+
+
+def resampler_blocks(resampler: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention and feed-forward modules of a
+    :class:`~lightning_tokens.layers.resampler.PerceiverResampler`: the modules its forward calls (its
+    ``layers`` entries are plain ``ModuleList`` pairs that are never called, so they cannot be FSDP2 units).
+
+    Example:
+        >>> from lightning_tokens.layers.resampler import PerceiverResampler
+        >>> len(resampler_blocks(PerceiverResampler(dim=8, depth=2, heads=2, dim_head=4, num_latents=3)))
+        4
+    """
+    return [module for pair in resampler.layers for module in pair]
+
+
+def shard_modules(modules: list[torch.nn.Module], mesh: Any, reshard_after_forward: bool = True) -> None:
+    """``fully_shard`` each of ``modules`` over ``mesh`` (units below the root, e.g. :func:`vision_blocks`)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in modules:
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
 
 def shard_root(module: torch.nn.Module, mesh: Any) -> None:

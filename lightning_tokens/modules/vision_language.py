@@ -45,7 +45,7 @@ from lightning_tokens.modules.causal_lm import (
     mix_input_embeddings,
 )
 from lightning_tokens.modules.quantization import QuantizationMode, bnb_config
-from lightning_tokens.modules.sharding import gathered_root
+from lightning_tokens.modules.sharding import gathered_root, resampler_blocks, shard_modules, vision_blocks
 from lightning_tokens.modules.visual_inputs import (
     IMAGE_END,
     IMAGE_PLACEHOLDER,
@@ -240,7 +240,14 @@ class VisionLanguageLM(TokenLM):
             self._configure_hf_model()
             return
         self._build_vision_encoder()
-        super().configure_model()
+        super().configure_model()  # builds the connector (build_extra_modules), then shards under FSDP2
+
+    @override
+    def build_extra_modules(self) -> None:
+        """The GVT connector (and a frozen reference model's), built before FSDP2 sharding so the root unit
+        owns its parameters."""
+        if self._hf_vlm:
+            return
         width = self.causal_lm.get_input_embeddings().weight.shape[1]
         self.connector = VisualConnector(self.vision_encoder.num_features, width, self.resampler_settings)
         self._load_exported_connector()
@@ -306,16 +313,33 @@ class VisionLanguageLM(TokenLM):
                 if name.split(".")[-1] in _PROJECTOR_NAMES:
                     module.requires_grad_(True)
         else:
-            vision = getattr(getattr(model, "model", model), "visual", None) or getattr(
-                getattr(model, "model", model), "vision_tower", None
-            )
+            vision = _hf_vision_tower(model)
             if vision is not None:
                 vision.requires_grad_(False)
+            for name, module in model.named_modules():  # Qwen2-VL's projector (merger) sits inside the tower
+                if name.split(".")[-1] in _PROJECTOR_NAMES:
+                    module.requires_grad_(True)
         if self.lora is not None:
             model = _add_lora(model, _language_model_lora(self.lora), quantized=self.quantization is not None)
         self.model = model
         if self.reference is not None:
             self.reference.setup(self)
+        self.apply_sharding()
+
+    @override
+    def shard_units(self, mesh: Any) -> None:
+        """FSDP2 units below the root: the decoder layers of the model (and reference), the vision tower's blocks
+        (frozen, gathered under ``no_grad`` like the reference's), and the GVT connectors' resampler layers."""
+        super().shard_units(mesh)
+        for lm in (self.model, self.reference_model):
+            tower = _hf_vision_tower(lm) if self._hf_vlm and lm is not None else None
+            if tower is not None:
+                shard_modules(vision_blocks(tower), mesh)
+        if self.vision_encoder is not None:
+            shard_modules(vision_blocks(self.vision_encoder), mesh)
+        for connector in (self.connector, self.reference_connector):
+            if connector is not None:
+                shard_modules(resampler_blocks(connector.resampler), mesh)
 
     @override
     def train(self, mode: bool = True) -> VisionLanguageLM:
@@ -449,6 +473,18 @@ class VisionLanguageLM(TokenLM):
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in self.connector.state_dict().items()}, os.path.join(path, CONNECTOR_FILE))
+
+
+def _hf_vision_tower(model: nn.Module) -> nn.Module | None:
+    """The vision tower of a Hugging Face VLM (Qwen2-VL ``visual``, LLaVA ``vision_tower``, Idefics3
+    ``vision_model``), also under peft; ``None`` if none is found."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    for name in ("visual", "vision_tower", "vision_model"):
+        tower = getattr(inner, name, None)
+        if tower is not None:
+            return tower
+    return None
 
 
 def _language_model_lora(settings: LoRASettings) -> LoRASettings:

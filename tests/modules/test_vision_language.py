@@ -251,3 +251,12 @@ def test_references_score_with_their_own_connector(tmp_path):
         torch.testing.assert_close(model.reference.stats(batch, model).nll, before)
         if mode == "ema":
             assert any(name.startswith("connector.") for name in model.reference.average)
+
+
+def test_trained_hf_language_model_keeps_its_projector_trainable_and_tower_frozen():
+    model = VisionLanguageLM(model="tiny-qwen2-vl", train_language_model=True)
+    model.configure_model()
+    trainable = {name for name, p in model.model.named_parameters() if p.requires_grad}
+    assert any(".merger." in name for name in trainable)
+    assert not any(".visual.blocks." in name or ".visual.patch_embed." in name for name in trainable)
+    assert any("language_model" in name for name in trainable)
