@@ -557,7 +557,8 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
 
 
 def _add_lora(
-    model: torch.nn.Module, settings: LoRASettings, quantized: bool, host: TokenLM | None = None
+    model: torch.nn.Module, settings: LoRASettings, quantized: bool, host: TokenLM | None = None,
+    modules_to_save: list[str] | None = None,
 ) -> torch.nn.Module:
     peft = import_peft()
     if quantized:
@@ -570,6 +571,7 @@ def _add_lora(
         bias=settings.bias,
         task_type="CAUSAL_LM",
         init_lora_weights="gaussian" if settings.init == "gaussian" else True,
+        modules_to_save=modules_to_save,  # trained in full beside the adapters (a VLM's projector)
     )
     with hide_unused_bitsandbytes(), warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning we cannot fix here)

@@ -320,7 +320,9 @@ class VisionLanguageLM(TokenLM):
                 if name.split(".")[-1] in _PROJECTOR_NAMES:
                     module.requires_grad_(True)
         if self.lora is not None:
-            model = _add_lora(model, _language_model_lora(self.lora), quantized=self.quantization is not None)
+            projectors = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in _PROJECTOR_NAMES})
+            model = _add_lora(model, _language_model_lora(self.lora), quantized=self.quantization is not None,
+                              modules_to_save=projectors or None)
         self.model = model
         if self.reference is not None:
             self.reference.setup(self)
@@ -491,5 +493,5 @@ def _language_model_lora(settings: LoRASettings) -> LoRASettings:
     """``all-linear`` on a VLM would adapt the vision tower too: keep LoRA on the language model's layers."""
     if settings.target_modules != "all-linear":
         return settings
-    pattern = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    pattern = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     return dataclasses.replace(settings, target_modules=pattern)

@@ -99,8 +99,14 @@ def test_gvt_fused_loss_equals_the_language_models_own_loss_float64():
     assert abs(float(ours) - float(out.loss)) < 1e-5  # the model's own loss (it casts logits to float32)
 
 
-def test_hf_vlm_fused_loss_equals_the_models_own_loss_float64():
-    model = VisionLanguageLM(model="tiny-qwen2-vl")
+#: The tiny Hugging Face presets and the module that maps their vision features to the language model.
+HF_PRESETS = {"tiny-qwen2-vl": ".merger.", "tiny-llava": ".multi_modal_projector.", "tiny-idefics3": ".connector."}
+_HF_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "pixel_attention_mask")
+
+
+@pytest.mark.parametrize("name", list(HF_PRESETS))
+def test_hf_vlm_fused_loss_equals_the_models_own_loss_float64(name):
+    model = VisionLanguageLM(model=name)
     model.configure_model()
     model.double()
     batch = model.processor(images(), QUESTIONS, ANSWERS)
@@ -109,23 +115,61 @@ def test_hf_vlm_fused_loss_equals_the_models_own_loss_float64():
     for row in range(2):
         labels = batch["labels"][row]
         assert tok.decode(labels[labels >= 0]) == ANSWERS[row] + tok.eos_token
-    image_token = model.causal_lm.config.image_token_id
-    assert not (batch["labels"] == image_token).any()
+    assert not torch.isin(batch["labels"], torch.tensor(model.image_token_ids())).any()
     ours = model._loss(batch)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
-    out = model.causal_lm(**inputs, labels=batch["labels"])
+    out = model.causal_lm(**{k: batch[k] for k in _HF_INPUTS if k in batch}, labels=batch["labels"])
     assert abs(float(ours) - float(_float64_loss(out.logits, batch["labels"]))) < 1e-6
     assert abs(float(ours) - float(out.loss)) < 1e-5  # the model's own loss (it casts logits to float32)
+    other = dict(batch, pixel_values=batch["pixel_values"].flip(0))
+    assert abs(float(model._loss(other)) - float(ours)) > 1e-6  # the images reach the loss
+    ours.backward()
+    projector = [p for n, p in model.named_parameters() if HF_PRESETS[name] in n]
+    assert projector and all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector)
 
 
-def test_hf_vlm_trains_only_the_projector_and_generates():
-    model = VisionLanguageLM(model="tiny-qwen2-vl", max_new_tokens=3)
+@pytest.mark.parametrize("name", list(HF_PRESETS))
+def test_hf_vlm_trains_only_the_projector_and_generates(name):
+    model = VisionLanguageLM(model=name, max_new_tokens=3)
     model.configure_model()
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".merger." in name for name in trainable)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(HF_PRESETS[name] in n for n in trainable)
     batch = model.processor(images(), QUESTIONS)
-    assert "labels" not in batch
-    assert len(model.generate(batch)) == 2
+    assert "labels" not in batch and batch["prompt_attention_mask"][:, -1].all()  # left-padded prompts
+    texts = model.generate(batch)
+    assert len(texts) == 2 and all(isinstance(text, str) for text in texts)
+    new = model.generate_ids(batch, max_new_tokens=3, do_sample=False)
+    assert new.shape[0] == 2 and not torch.isin(new, torch.tensor(model.image_token_ids())).any()
+
+
+def test_tiny_llava_and_idefics3_expand_each_image_into_the_models_image_tokens():
+    llava = VisionLanguageLM(model="tiny-llava")
+    llava.configure_model()
+    batch = llava.processor(images(), QUESTIONS, ANSWERS)
+    image_id = llava.causal_lm.config.image_token_id
+    # (32 px / 8 px)² patch features per image, the CLS feature dropped
+    assert (batch["input_ids"] == image_id).sum(1).tolist() == [16, 16] == [llava.causal_lm.config.image_seq_length] * 2
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+
+    idefics3 = VisionLanguageLM(model="tiny-idefics3")
+    idefics3.configure_model()
+    batch = idefics3.processor(images(), QUESTIONS, ANSWERS)
+    tok = idefics3.tokenizer
+    prompt = tok.decode(batch["prompt_input_ids"][0][batch["prompt_attention_mask"][0].bool()])
+    # 16 patches pixel-shuffled 2×2 into 4 image tokens, between the image delimiters
+    assert "<fake_token_around_image><global-img>" + "<image>" * 4 + "<fake_token_around_image>" + QUESTIONS[0] in prompt
+    assert batch["pixel_values"].shape == (2, 1, 3, 32, 32) and batch["pixel_attention_mask"].shape == (2, 1, 32, 32)
+    ids = tok.convert_tokens_to_ids(["<image>", "<fake_token_around_image>", "<global-img>"])
+    assert idefics3.image_token_ids() == sorted(ids)  # never generated
+
+
+def test_tiny_presets_reject_overrides_that_break_their_image_tokens():
+    with pytest.raises(ConfigError, match="vision_config.patch_size"):
+        VisionLanguageLM(model="tiny-llava", model_config={"vision_config": {"patch_size": 16}}).configure_model()
+    with pytest.raises(ConfigError, match="scale_factor"):
+        VisionLanguageLM(model="tiny-idefics3", model_config={"scale_factor": 4}).configure_model()
+    model = VisionLanguageLM(model="tiny-idefics3", model_config={"text_config": {"num_hidden_layers": 1}})
+    model.configure_model()
+    assert model.causal_lm.config.text_config.num_hidden_layers == 1
 
 
 def test_gvt_trains_connector_only_by_default_and_lora_adds_adapters():
@@ -253,10 +297,28 @@ def test_references_score_with_their_own_connector(tmp_path):
             assert any(name.startswith("connector.") for name in model.reference.average)
 
 
-def test_trained_hf_language_model_keeps_its_projector_trainable_and_tower_frozen():
-    model = VisionLanguageLM(model="tiny-qwen2-vl", train_language_model=True)
+@pytest.mark.parametrize("name", list(HF_PRESETS))
+def test_trained_hf_language_model_keeps_its_projector_trainable_and_tower_frozen(name):
+    from lightning_tokens.modules.vision_language import _hf_vision_tower
+
+    model = VisionLanguageLM(model=name, train_language_model=True)
     model.configure_model()
-    trainable = {name for name, p in model.model.named_parameters() if p.requires_grad}
-    assert any(".merger." in name for name in trainable)
-    assert not any(".visual.blocks." in name or ".visual.patch_embed." in name for name in trainable)
-    assert any("language_model" in name for name in trainable)
+    trainable = {n for n, p in model.model.named_parameters() if p.requires_grad}
+    assert any(HF_PRESETS[name] in n for n in trainable)
+    tower = {id(p) for n, p in _hf_vision_tower(model.model).named_parameters() if HF_PRESETS[name] not in f".{n}"}
+    assert tower and not any(p.requires_grad for p in model.model.parameters() if id(p) in tower)
+    assert any("language_model" in n or "text_model" in n for n in trainable)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-llava", "tiny-idefics3"])
+def test_lora_on_hf_vlms_adapts_the_language_model_and_trains_the_projector(name):
+    from lightning_tokens.modules.causal_lm import LoRASettings
+
+    model = VisionLanguageLM(model=name, lora=LoRASettings(r=2))
+    model.configure_model()
+    trainable = [n for n, p in model.model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable)
+    lora_layers = {n.split(".lora_")[0] for n in trainable if "lora_" in n}
+    assert all(("language_model" in n or "text_model" in n) for n in lora_layers), lora_layers
+    projector = [n for n in trainable if "lora_" not in n]
+    assert projector and all(any(p in n for p in ("merger", "multi_modal_projector", "connector")) for n in projector), projector
