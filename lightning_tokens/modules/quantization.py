@@ -84,8 +84,9 @@ def check_quantization(mode: str, field: str = "quantization") -> None:
         ) from err
 
 
-def bnb_config(mode: str, dtype: torch.dtype | None) -> Any:
+def bnb_config(mode: str, dtype: torch.dtype | None, skip_modules: list[str] | None = None) -> Any:
     """transformers' ``BitsAndBytesConfig`` for a mode; 4-bit layers compute in ``dtype`` (default float32).
+    ``skip_modules`` (module names) stay unquantized; ``None`` keeps transformers' default (the output head).
 
     Example:
         >>> bnb_config("nf4-dq", torch.bfloat16).bnb_4bit_use_double_quant
@@ -93,13 +94,15 @@ def bnb_config(mode: str, dtype: torch.dtype | None) -> Any:
     """
     from transformers import BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": list(skip_modules)} if skip_modules is not None else {}
     if mode == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="fp4" if mode == "fp4" else "nf4",
         bnb_4bit_use_double_quant=mode == "nf4-dq",
         bnb_4bit_compute_dtype=dtype or torch.float32,
+        **skip,
     )
 
 

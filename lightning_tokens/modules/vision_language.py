@@ -103,6 +103,8 @@ torch.serialization.add_safe_globals([VisionSettings, ResamplerSettings])
 _IMAGE_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "mm_token_type_ids")
 #: The GVT connector's weights in an exported folder (beside the language model's).
 CONNECTOR_FILE = "connector.safetensors"
+#: Vision towers of Hugging Face VLMs (Qwen2-VL, LLaVA, Idefics3).
+_VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model")
 #: Modules of Hugging Face VLMs that map vision features to the LM (they train when the LM is frozen).
 _PROJECTOR_NAMES = ("merger", "multi_modal_projector", "connector")
 
@@ -302,7 +304,11 @@ class VisionLanguageLM(TokenLM):
         from lightning_tokens.models.vision_language import load_vision_language_model
 
         dtype = getattr(torch, self.dtype_name) if self.dtype_name else None
-        quantization = bnb_config(self.quantization, dtype) if self.quantization else None
+        # QLoRA quantizes the language model: the frozen vision tower and the trained projector keep their dtype
+        # (plain names: older transformers match substrings; "(?:.*\.)?name": newer ones match from the start)
+        names = (*_VISION_TOWER_NAMES, *_PROJECTOR_NAMES)
+        skip = ["lm_head", *names, *(rf"(?:.*\.)?{name}" for name in names)]
+        quantization = bnb_config(self.quantization, dtype, skip) if self.quantization else None
         model = load_vision_language_model(self.model_name, self.processor.processor, self.model_config, dtype, quantization)
         model.train()
         if self.gradient_checkpointing:
@@ -482,7 +488,7 @@ def _hf_vision_tower(model: nn.Module) -> nn.Module | None:
     ``vision_model``), also under peft; ``None`` if none is found."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(base, "model", base)
-    for name in ("visual", "vision_tower", "vision_model"):
+    for name in _VISION_TOWER_NAMES:
         tower = getattr(inner, name, None)
         if tower is not None:
             return tower

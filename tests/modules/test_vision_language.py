@@ -322,3 +322,30 @@ def test_lora_on_hf_vlms_adapts_the_language_model_and_trains_the_projector(name
     assert all(("language_model" in n or "text_model" in n) for n in lora_layers), lora_layers
     projector = [n for n in trainable if "lora_" not in n]
     assert projector and all(any(p in n for p in ("merger", "multi_modal_projector", "connector")) for n in projector), projector
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-llava", "tiny-idefics3"])
+def test_qlora_on_hf_vlms_quantizes_the_language_model_only(name, tmp_path):
+    """4-bit loading (bitsandbytes' CPU kernels here; the GPU run is in benchmarks/gpu_check.sh): the language
+    model's linear layers are 4-bit, the vision tower and the projector keep their dtype, and the adapters and
+    the projector get gradients from the fused token loss."""
+    import bitsandbytes as bnb
+
+    from lightning_tokens.modules.causal_lm import LoRASettings
+
+    base = VisionLanguageLM(model=name)
+    base.configure_model()
+    base.model.save_pretrained(tmp_path)
+    base.processor.processor.save_pretrained(tmp_path)
+    model = VisionLanguageLM(model=str(tmp_path), quantization="nf4", lora=LoRASettings(r=4))
+    model.configure_model()
+    quantized = [n for n, m in model.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    layers = base.model.config.get_text_config().num_hidden_layers
+    assert len(quantized) == 7 * layers and all(("language_model" in n or "text_model" in n) for n in quantized)
+    batch = model.processor(images(), QUESTIONS, ANSWERS)
+    loss = model._loss(batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {n for n, p in model.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("lora_" in n for n in grads)
+    assert any(key in n for n in grads for key in ("merger", "multi_modal_projector", "connector"))
