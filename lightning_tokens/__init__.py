@@ -77,6 +77,7 @@ _EXPORTS = {
     "TokenLM": "lightning_tokens.modules",
     "GRPO": "lightning_tokens.modules",
     "GRAO": "lightning_tokens.modules",
+    "FlexibleImageTokenizer": "lightning_tokens.modules",
     "VisionLanguageGRPO": "lightning_tokens.modules",
     "VisionLanguageLM": "lightning_tokens.modules",
     "VisionSettings": "lightning_tokens.modules",
