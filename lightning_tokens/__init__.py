@@ -78,6 +78,8 @@ _EXPORTS = {
     "GRPO": "lightning_tokens.modules",
     "GRAO": "lightning_tokens.modules",
     "FlexibleImageTokenizer": "lightning_tokens.modules",
+    "ImageCodeGenerator": "lightning_tokens.modules",
+    "ImageCodesDataModule": "lightning_tokens.datamodules",
     "VisionLanguageGRPO": "lightning_tokens.modules",
     "VisionLanguageLM": "lightning_tokens.modules",
     "VisionSettings": "lightning_tokens.modules",

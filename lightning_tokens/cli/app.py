@@ -43,6 +43,7 @@ class TokensCLI(LightningCLI):
             "divergence": {"model", "datamodule"},
             "saliency": {"model", "datamodule"},
             "steer": {"model", "datamodule"},
+            "extract_codes": {"model", "datamodule"},
         }
 
     @override

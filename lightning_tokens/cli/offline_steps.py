@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 
 from lightning_tokens.callbacks.safety_shaping import ChunkPrefix, precompute_star_scores
@@ -137,6 +138,44 @@ def trainer_divergence(
     paths = report.write(output)
     rank_zero_info(", ".join(f"{k}={v:.4f}" for k, v in report.summary.items()) + f"\nwritten: {', '.join(paths.values())}")
     return report.summary
+
+
+def trainer_extract_codes(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    ckpt_path: str,
+    output: str,
+    trust_checkpoint: bool = False,
+) -> dict[str, Tensor]:
+    """``Trainer.extract_codes``: load the tokenizer's weights (safely unless ``trust_checkpoint``), encode
+    the datamodule's training then validation images in order on the trainer's root device, and write
+    the codes file and its vocabulary folder."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lightning_tokens.core.errors import ConfigError
+    from lightning_tokens.datamodules.image_codes import extract_codes, save_codes, write_code_tokenizer
+    from lightning_tokens.modules.checkpoints import consolidated_state_dict, model_weights
+
+    if not hasattr(model, "encode") or not hasattr(model, "size"):
+        raise ConfigError(f"extract_codes needs an image tokenizer model (FlexibleImageTokenizer); got {type(model).__name__}.")
+    attach_to_trainer(trainer, model, datamodule)
+    model.load_state_dict(model_weights(consolidated_state_dict(ckpt_path, trust_checkpoint)["state_dict"]))
+    ordered = getattr(datamodule, "ordered_dataloader", None)
+    if ordered is not None:
+        loaders = [loader for loader in (ordered("train"), ordered("val")) if loader is not None]
+    else:
+        datamodule.setup("fit")
+        loaders = [datamodule.train_dataloader()]
+    parts = [extract_codes(model, loader, device=trainer.strategy.root_device) for loader in loaders]
+    tensors = {key: torch.cat([part[key] for part in parts]) for key in ("codes", "labels")}
+    num_classes = getattr(datamodule, "num_classes", None)
+    num_classes = int(tensors["labels"].max()) + 1 if num_classes is None else int(num_classes)
+    size = model.size
+    save_codes(output, tensors, size.codebook_size, num_classes, size.image_size, str(ckpt_path))
+    folder = write_code_tokenizer(output, num_classes, size.codebook_size)
+    rank_zero_info(f"codes of {len(tensors['codes'])} images ({size.num_tokens} each) written to {output}; vocabulary: {folder}")
+    return tensors
 
 
 def _load_tuned(load: Any, base: str, tuned: str) -> Any:

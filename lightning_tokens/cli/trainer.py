@@ -327,3 +327,26 @@ class TokensTrainer(pl.Trainer):
 
         export_checkpoint(model, ckpt_path, output, format, trust_checkpoint)
         rank_zero_info(f"exported {ckpt_path} ({format}) to {output}")
+
+    def extract_codes(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        ckpt_path: str,
+        output: str = "codes.safetensors",
+        trust_checkpoint: bool = False,
+    ) -> None:
+        """Encode every training and validation image with a trained image tokenizer and write the full-length
+        codes and class ids to ``output`` (and the code vocabulary to ``<output stem>.tokenizer/``), for
+        ``ImageCodesDataModule``.
+
+        Args:
+            model: the image tokenizer as configured for training (``FlexibleImageTokenizer``).
+            datamodule: its images (``ImageDataModule``: classes of ``digits``, −1 for other sources).
+            ckpt_path: the tokenizer's checkpoint.
+            output: the safetensors file to write.
+            trust_checkpoint: load ``ckpt_path`` without the safe-loading allowlist (a file you trust).
+        """
+        from lightning_tokens.cli.offline_steps import trainer_extract_codes
+
+        trainer_extract_codes(self, model, datamodule, ckpt_path, output, trust_checkpoint)

@@ -4,6 +4,7 @@ Cookbook tasks generated in code), ``filters/`` (record filters for data selecti
 generated in code), ``time_series/`` (time series classification as TimeMaster prompts: plots or numbers)."""
 
 from lightning_tokens.datamodules.contrastive import ContrastiveCollator, ContrastiveDataModule, collate_contrastive
+from lightning_tokens.datamodules.image_codes import ImageCodesDataModule, extract_codes
 from lightning_tokens.datamodules.images import ImageDataModule, ImageFolderDataset
 from lightning_tokens.datamodules.nupa import (
     NUPA_TASKS,
@@ -55,6 +56,7 @@ __all__ = [
     "read_visual_qa_file",
     "BranchingDensityFilter",
     "FALLBACK_CHAT_TEMPLATE",
+    "ImageCodesDataModule",
     "ImageDataModule",
     "ImageFolderDataset",
     "InstructMiningFilter",
@@ -69,6 +71,7 @@ __all__ = [
     "SFTDataError",
     "SFTDataModule",
     "SFTDataset",
+    "extract_codes",
     "generate_nupa_examples",
     "iter_nupa_examples",
     "pack_examples",

@@ -2,7 +2,8 @@
 offline sources that need no download.
 
 Every batch is ``{"images": (B, 3, S, S) float tensor in [0, 1]}``: raw pixels, so that each network of a
-distillation (student, teacher) resizes and normalises them its own way.
+distillation (student, teacher) resizes and normalises them its own way. With ``labels: true`` batches also
+hold ``"labels": (B,)`` class ids (the digit for ``digits``, −1 for sources without classes).
 
 Sources (``sources:``):
 
@@ -23,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 from collections.abc import Sequence
@@ -47,6 +49,7 @@ __all__ = [
     "DigitImages",
     "ImageDataModule",
     "ImageFolderDataset",
+    "LabelledImages",
     "PhotoCrops",
     "ShapeImages",
     "collate_images",
@@ -139,6 +142,7 @@ class DigitImages(Dataset):
         scans = torch.from_numpy(load_digits().images).float().div(16.0)  # (1797, 8, 8) in [0, 1]
         self.indices = list(range(len(scans))) if indices is None else [int(i) for i in indices]
         self.scans = scans[torch.as_tensor(self.indices, dtype=torch.long)]
+        self.targets = torch.from_numpy(load_digits().target).long()[torch.as_tensor(self.indices, dtype=torch.long)]
         self.image_size = image_size
 
     def __len__(self) -> int:
@@ -225,9 +229,41 @@ class ImageFolderDataset(Dataset):
         return _resize(pixels[:, top : top + side, left : left + side], self.image_size)
 
 
-def collate_images(items: Sequence[Tensor]) -> dict[str, Tensor]:
-    """``{"images": (B, 3, S, S)}``."""
-    return {"images": torch.stack(list(items))}
+class LabelledImages(Dataset):
+    """``(image, class id)`` items of an image dataset (or a ``ConcatDataset`` of them): the part's
+    ``targets[i]`` where it has ``targets`` (:class:`DigitImages`), else −1 (no class).
+
+    Example:
+        >>> LabelledImages(DigitImages(8, indices=[3]))[0][1]
+        3
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.parts: list[Dataset] = list(dataset.datasets) if isinstance(dataset, ConcatDataset) else [dataset]
+        self.starts = [0]
+        for part in self.parts:
+            self.starts.append(self.starts[-1] + len(part))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def label(self, index: int) -> int:
+        """The class id of item ``index`` (−1: its source has no classes)."""
+        part = bisect.bisect_right(self.starts, index) - 1
+        targets = getattr(self.parts[part], "targets", None)
+        return -1 if targets is None else int(targets[index - self.starts[part]])
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.dataset[index], self.label(index)
+
+
+def collate_images(items: Sequence[Tensor | tuple[Tensor, int]]) -> dict[str, Tensor]:
+    """``{"images": (B, 3, S, S)}``, plus ``"labels": (B,)`` when the items are ``(image, label)`` pairs."""
+    if items and isinstance(items[0], tuple):
+        images, labels = zip(*items)
+        return {"images": torch.stack(list(images)), "labels": torch.tensor(labels, dtype=torch.long)}
+    return {"images": torch.stack(list(items))}  # type: ignore[arg-type]
 
 
 class ImageDataModule(ResumableDataMixin, pl.LightningDataModule):
@@ -240,7 +276,8 @@ class ImageDataModule(ResumableDataMixin, pl.LightningDataModule):
           ``photo_crops`` (crops of scikit-learn's two sample photos); mixed with each other and ``root``.
         - Generated items depend only on ``(seed, split, index)``: validation never repeats a training item's
           stream; the training order is resumable mid-epoch (exact resume).
-        - Batches ``{"images": (B, 3, image_size, image_size)}`` in ``[0, 1]``.
+        - Batches ``{"images": (B, 3, image_size, image_size)}`` in ``[0, 1]``; with ``labels``, also
+          ``"labels": (B,)`` class ids (−1 for sources without classes).
 
     Args:
         root: a folder of images (searched recursively), or ``None``.
@@ -255,6 +292,7 @@ class ImageDataModule(ResumableDataMixin, pl.LightningDataModule):
         num_workers: data-loader workers.
         seed: seed of the generated items, the held-out split and the shuffling (``None``: ``seed_everything``'s).
         extensions: image file extensions for ``root``.
+        labels: add the class ids to the batches (``digits``: 0-9; other sources: −1).
 
     Example::
 
@@ -277,6 +315,7 @@ class ImageDataModule(ResumableDataMixin, pl.LightningDataModule):
         num_workers: int = 0,
         seed: int | None = None,
         extensions: list[str] | None = None,
+        labels: bool = False,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -302,6 +341,7 @@ class ImageDataModule(ResumableDataMixin, pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.extensions = tuple(extensions) if extensions else IMAGE_EXTENSIONS
+        self.labels = labels
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -341,13 +381,32 @@ class ImageDataModule(ResumableDataMixin, pl.LightningDataModule):
         val = [part for part in val if len(part) > 0]  # type: ignore[arg-type]
         self.val_set = ConcatDataset(val) if val else None
 
+    @property
+    def num_classes(self) -> int:
+        """Classes of the labelled items: 10 with ``digits``, else 0 (no source has classes)."""
+        return 10 if "digits" in self.sources else 0
+
+    def _served(self, dataset: Dataset) -> Dataset:
+        return LabelledImages(dataset) if self.labels else dataset
+
+    def ordered_dataloader(self, split: Literal["train", "val"] = "train") -> DataLoader | None:
+        """The ``split``'s items in order (no shuffling), with their ``labels``: for offline passes over the
+        data (``extract_codes``); ``None`` when the split is empty."""
+        self.setup("fit")
+        dataset = self.train_set if split == "train" else self.val_set
+        if dataset is None:
+            return None
+        return DataLoader(
+            LabelledImages(dataset), batch_size=self.eval_batch_size, collate_fn=collate_images, num_workers=self.num_workers
+        )
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches ``{"images"}`` (resumable order)."""
         self.setup("fit")
         assert self.train_set is not None
         size = len(self.train_set)  # type: ignore[arg-type]
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, sampler=self._resumable_sampler(size, self.seed, self.batch_size),
+            self._served(self.train_set), batch_size=self.batch_size, sampler=self._resumable_sampler(size, self.seed, self.batch_size),
             collate_fn=collate_images, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             drop_last=size >= self.batch_size,
         )
@@ -358,7 +417,7 @@ class ImageDataModule(ResumableDataMixin, pl.LightningDataModule):
         if self.val_set is None:
             return []
         return DataLoader(
-            self.val_set, batch_size=self.eval_batch_size, collate_fn=collate_images,
+            self._served(self.val_set), batch_size=self.eval_batch_size, collate_fn=collate_images,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
         )
 

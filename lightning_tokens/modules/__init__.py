@@ -4,6 +4,7 @@ from lightning_tokens.modules.causal_lm import LoRASettings, OptimizerSettings, 
 from lightning_tokens.modules.corda import CordaSettings
 from lightning_tokens.modules.grao import GRAO
 from lightning_tokens.modules.grpo import GRPO
+from lightning_tokens.modules.image_generation import ImageCodeGenerator, generate_codes
 from lightning_tokens.modules.image_tokenizer import FlexibleImageTokenizer
 from lightning_tokens.modules.vision_language import ResamplerSettings, VisionLanguageLM, VisionSettings
 from lightning_tokens.modules.vision_language_grpo import VisionLanguageGRPO
@@ -13,6 +14,7 @@ __all__ = [
     "CordaSettings",
     "FlexibleImageTokenizer",
     "GRAO",
+    "ImageCodeGenerator",
     "GRPO",
     "LoRASettings",
     "OptimizerSettings",
@@ -22,4 +24,5 @@ __all__ = [
     "VisionLanguageLM",
     "VisionSettings",
     "VisualTokenizerDistillation",
+    "generate_codes",
 ]

@@ -124,3 +124,20 @@ def test_offline_sources_mix_into_batches_and_hold_out_validation():
 def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         ImageDataModule(**kwargs)
+
+
+def test_labels_are_opt_in_digit_classes_and_minus_one_elsewhere():
+    from sklearn.datasets import load_digits
+
+    plain = ImageDataModule(sources=["shapes", "digits"], image_size=8, num_train=4, num_val=2, batch_size=4, seed=0)
+    assert set(next(iter(plain.train_dataloader()))) == {"images"} and plain.num_classes == 10
+    data = ImageDataModule(sources=["shapes", "digits"], image_size=8, num_train=4, num_val=2, batch_size=4, seed=0, labels=True)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["labels"].shape == (4,) and batch["labels"].dtype == torch.long
+    ordered = list(data.ordered_dataloader("train"))
+    labels = torch.cat([b["labels"] for b in ordered])
+    digits = data.train_set.datasets[1]
+    assert labels[:4].tolist() == [-1] * 4  # shapes have no class
+    assert labels[4:].tolist() == load_digits().target[digits.indices].tolist()
+    assert torch.equal(torch.cat([b["images"] for b in ordered])[4], digits[0])
+    assert ImageDataModule(sources=["shapes"], image_size=8, num_train=2).num_classes == 0
