@@ -107,3 +107,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def launch_worker(worker: str, args: list[str], distributed: bool, attempt: int = 0) -> None:
+    """Run a test worker script in one process, or in two CPU processes under torchrun (as users launch jobs),
+    with one thread each; raise with the tails of its output when it fails."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, worker]
+    if distributed:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), worker]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and distributed and attempt == 0:
+        # the free port may be taken between choosing it and the rendezvous binding it: one more try
+        return launch_worker(worker, args, distributed, attempt=1)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} run failed (rc {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

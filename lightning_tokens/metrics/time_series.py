@@ -18,20 +18,13 @@ from typing import Any
 
 from torchmetrics import MetricCollection
 
-from lightning_tokens.metrics.gvtbench import _check_pair, _SumCountMetric
+from lightning_tokens.metrics.visual_qa import _MeanMetric
 
 __all__ = ["LabelAccuracy", "LabelFormat", "time_series_metrics"]
 
 
-class _LabelMean(_SumCountMetric):
-    higher_is_better = True
-
-    def _score(self, prediction: str, target: str) -> bool:
-        raise NotImplementedError
-
-    def _batch_sum(self, predictions: Sequence[str], targets: Sequence[str]) -> tuple[float, int]:
-        predictions, targets = _check_pair(predictions, targets)
-        return float(sum(self._score(p, t) for p, t in zip(predictions, targets))), len(predictions)
+class _LabelMean(_MeanMetric):
+    """A per-answer 0/1 score averaged (visual QA's mean metric), with the datamodule protocol's ``domains``."""
 
     def update(self, predictions: Sequence[str], targets: Sequence[str], domains: Any = None) -> None:  # type: ignore[override]
         """Add parsed labels and true labels (``domains`` is accepted for the datamodule protocol, unused)."""

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import free_port
+from tests.helpers import free_port, launch_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
@@ -24,21 +24,8 @@ WEIGHT_ATOL = {"rho1": 1e-4, "sstoken": 2e-3}
 LOSS_ATOL = 1e-5
 
 
-def _launch(strategy: str, out: str, attempt: int = 0) -> None:
-    if strategy == "single":
-        command = [sys.executable, WORKER]
-    else:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), WORKER,
-        ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    result = subprocess.run([*command, "--strategy", strategy, "--out", out], env=env, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0 and attempt == 0 and "torch.distributed.run" in command:
-        # the free port may be taken between choosing it and the rendezvous binding it: one more try
-        return _launch(strategy, out, attempt=1)
-    if result.returncode != 0:
-        raise AssertionError(f"{strategy} run failed (rc {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+def _launch(strategy: str, out: str) -> None:
+    launch_worker(WORKER, ["--strategy", strategy, "--out", out], distributed=strategy != "single")
 
 
 @pytest.fixture(scope="module")

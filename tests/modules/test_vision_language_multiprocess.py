@@ -6,13 +6,11 @@ resuming from the sharded checkpoint is exact. The worker is ``tests/vlm_distrib
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import free_port
+from tests.helpers import launch_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "vlm_distributed_worker.py")
@@ -24,21 +22,8 @@ WEIGHT_ATOL = 2e-4
 STEPS = 3
 
 
-def _launch(strategies: str, out: str, attempt: int = 0) -> None:
-    if strategies == "single":
-        command = [sys.executable, WORKER]
-    else:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), WORKER,
-        ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    result = subprocess.run([*command, "--strategies", strategies, "--out", out], env=env, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0 and attempt == 0 and strategies != "single":
-        # the free port may be taken between choosing it and the rendezvous binding it: one more try
-        return _launch(strategies, out, attempt=1)
-    if result.returncode != 0:
-        raise AssertionError(f"{strategies} run failed (rc {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+def _launch(strategies: str, out: str) -> None:
+    launch_worker(WORKER, ["--strategies", strategies, "--out", out], distributed=strategies != "single")
 
 
 @pytest.fixture(scope="module")
