@@ -33,6 +33,8 @@ __all__ = ["NumericPromptProcessor", "TimeSeriesCollator", "TimeSeriesDataModule
 
 _DEFAULT_REASONING = "The signal spans {min:.2f} to {max:.2f} and peaks at {peak_position:.0%} of its length."
 _GENERIC_DESCRIPTION = "You are analyzing a time series signal."
+#: Extra new tokens for an ``<extension>`` recommendation, which the SFT targets do not hold.
+_EXTENSION_BUDGET = 64
 
 
 @dataclass
@@ -465,19 +467,17 @@ class TimeSeriesDataModule(ResumableDataMixin, L.LightningDataModule):
     @property
     def generation_max_new_tokens(self) -> int:
         """``max_new_tokens`` if given; else the longest training/validation SFT target + 8 (in the processor's
-        tokens, characters without a tokenizer)."""
+        tokens, characters without a tokenizer), + 64 when an ``<extension>`` is asked for."""
         if self.max_new_tokens is not None:
             return self.max_new_tokens
         targets = [self.target(e) for split in ("train", "val") if split != "val" or self.num_val != 0
                    for e in self.split_examples(split)]  # type: ignore[arg-type]
-        if self.extension:
-            targets = [t + "<extension>" + " " * 64 + "</extension>" for t in targets]
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None and callable(tokenizer):
             longest = max(len(ids) for ids in tokenizer(sorted(set(targets)), add_special_tokens=False)["input_ids"])
         else:
             longest = max(len(t) for t in targets)
-        return longest + 8
+        return longest + 8 + (_EXTENSION_BUDGET if self.extension else 0)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dataset={self.dataset!r}, input={self.input!r}, files={self.files})"
