@@ -44,6 +44,14 @@ def test_every_shipped_config_parses_and_instantiates(config, tmp_path):
         config = tmp_path / config.name
         text = text.replace("    model: runs/timemaster_sft/export", "    model: tiny-llama\n    tokenizer: smollm2-135m-instruct", 1)
         config.write_text(text.replace("model: runs/timemaster_sft/export", "model: tiny-llama"))
+    if "runs/retok_codes" in text:  # made by `lightning-tokens extract_codes` (tests/modules/test_image_generation.py)
+        from lightning_tokens.datamodules.image_codes import save_codes, write_code_tokenizer
+
+        codes = tmp_path / "codes.safetensors"
+        save_codes(codes, {"codes": torch.randint(0, 16, (200, 8)), "labels": torch.randint(-1, 10, (200,))}, 16, 10, 32, None)
+        write_code_tokenizer(codes, 10, 16)
+        config = tmp_path / config.name
+        config.write_text(text.replace("runs/retok_codes", str(tmp_path / "codes")))
     if "QLoRAPrecision" in config.read_text() and not torch.cuda.is_available():
         # Lightning's bitsandbytes plugin needs CUDA: the config stops at once, saying what to use instead
         with pytest.raises(ValueError, match=r"needs a CUDA GPU.*set model\.quantization: nf4"):
