@@ -63,3 +63,6 @@ GC_FLAG=""; [ "${Q_GC:-1}" = "1" ] && GC_FLAG="--gradient-checkpointing"
 # The vision-language training step (issue 15): fused token loss vs the models' own loss.
 [ -n "${SKIP_VLM:-}" ] || timeout "$TABLE_LIMIT" python3 benchmarks/vlm_loss.py --device cuda --vocab 151936 --hidden 1536 \
   --layers 8 --batch 8 --image-size 224 --rounds 5 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/vlm_loss.txt"
+# 6. ReTok: tokenizer images/s, encode + decode images/s, the image-code generator's step vs its labels= loss
+[ -n "${SKIP_RETOK:-}" ] || timeout "$TABLE_LIMIT" python3 benchmarks/retok_speed.py --device cuda --preset sb256 --batch 16 \
+  --codebook 16384 --tokens 256 --hidden 1024 --layers 8 --rounds 5 2>&1 | grep -v -i warn | tail -9 | tee "$OUT/retok_speed.txt"
