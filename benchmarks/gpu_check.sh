@@ -11,7 +11,10 @@
 #   4. the objectives against plain SFT (token_lm) on the same shape: OTR exact (<= 1.05), OTR K=256
 #      (<= 1.10), IFT (<= 1.40), CAFT with 4 heads (<= 1.25 step time, <= 1.1x memory);
 #   5. the vision-language step: the fused token loss against the models' own labels= loss (<= 1.0x time,
-#      lower memory), Qwen2-VL and the GVT composition (benchmarks/vlm_loss.py).
+#      lower memory), Qwen2-VL and the GVT composition (benchmarks/vlm_loss.py);
+#   6. ReTok (benchmarks/retok_speed.py): tokenizer and encode+decode images/s at sb256, the image-code
+#      generator's step vs its labels= loss (<= 1.02); needs vector-quantize-pytorch, einops, einx,
+#      torch-einops-utils, frozendict and loguru wheels in .whl/ (SKIP_RETOK=1 skips it).
 # Writes logs to $OUT. SKIP_TESTS=1 skips the tests, SKIP_TABLE1=1 / SKIP_QLORA=1 / SKIP_SELECTION=1 /
 # SKIP_OBJECTIVES=1 / SKIP_VLM=1 skip a
 # table. Each part runs under a time limit (seconds: TESTS_LIMIT, TABLE_LIMIT) so one hung part cannot eat
