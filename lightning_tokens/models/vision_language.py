@@ -59,9 +59,8 @@ def chat_template(image: str) -> str:
 #: The Qwen2-VL-style chat template of the tiny Qwen2-VL preset (its character tokenizer has none).
 TINY_CHAT_TEMPLATE = chat_template("<|vision_start|><|image_pad|><|vision_end|>")
 
-#: The Llama language model of the tiny LLaVA and Idefics3 presets.
-_TINY_LLAMA = dict(
-    model_type="llama",
+#: The size of every tiny preset's language model.
+_TINY_TEXT = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -70,22 +69,15 @@ _TINY_LLAMA = dict(
     max_position_embeddings=1024,
     tie_word_embeddings=True,
 )
+#: The Llama language model of the tiny LLaVA and Idefics3 presets.
+_TINY_LLAMA = dict(_TINY_TEXT, model_type="llama")
 #: A one-layer vision transformer on 32×32 px images in 8 px patches (16 patches).
 _TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
 
 #: name -> config keyword arguments of the tiny presets (vocabulary and token ids come from the tokenizer).
 VISION_LANGUAGE_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-qwen2-vl": dict(
-        text_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-            tie_word_embeddings=True,
-        ),
+        text_config=dict(_TINY_TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
         vision_config=dict(
             depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2
         ),
