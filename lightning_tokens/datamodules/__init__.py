@@ -1,7 +1,8 @@
 """LightningDataModules, one per data source: ``sft/`` (your JSONL / JSON / CSV files), ``nupa/`` (Number
 Cookbook tasks generated in code), ``filters/`` (record filters for data selection), ``sampling.py``
 (resumable shuffling), ``visual_qa/`` (image question answering: your files, or a GVTBench-style benchmark
-generated in code), ``time_series/`` (time series classification as TimeMaster prompts: plots or numbers)."""
+generated in code), ``time_series/`` (time series classification as TimeMaster prompts: plots or numbers),
+``speech.py`` (spoken JSONL manifests; ``speech_synthesis.py`` makes one offline and is never imported here)."""
 
 from lightning_tokens.datamodules.contrastive import ContrastiveCollator, ContrastiveDataModule, collate_contrastive
 from lightning_tokens.datamodules.image_codes import ImageCodesDataModule, extract_codes
@@ -39,8 +40,24 @@ from lightning_tokens.datamodules.visual_qa import (
     generate_benchmark_split,
     read_visual_qa_file,
 )
+from lightning_tokens.datamodules.speech import (
+    SPEECH_TASKS,
+    LengthBucketBatchSampler,
+    SpeechDataModule,
+    SpeechDataset,
+    collate_speech,
+    load_audio,
+    read_speech_manifest,
+)
 
 __all__ = [
+    "SPEECH_TASKS",
+    "LengthBucketBatchSampler",
+    "SpeechDataModule",
+    "SpeechDataset",
+    "collate_speech",
+    "load_audio",
+    "read_speech_manifest",
     "ContrastiveCollator",
     "ContrastiveDataModule",
     "collate_contrastive",

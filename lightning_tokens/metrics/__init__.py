@@ -1,4 +1,5 @@
-"""torchmetrics Metrics for token-level training (NUPA exact/digit match, GVTBench counting and MCI, visual QA per task)."""
+"""torchmetrics Metrics for token-level training (NUPA exact/digit match, GVTBench counting and MCI, visual QA per task,
+speech: WER/CER, codebook usage)."""
 
 from lightning_tokens.metrics.nupa import (
     NUPA_DOMAINS,
@@ -28,8 +29,24 @@ from lightning_tokens.metrics.visual_qa import (
     VisualQAMetrics,
     visual_qa_metric_collection,
 )
+from lightning_tokens.metrics.speech import (
+    CodebookUsage,
+    NormalizedCharErrorRate,
+    NormalizedWordErrorRate,
+    char_error_rate,
+    normalize_transcript,
+    tokens_per_second,
+    word_error_rate,
+)
 
 __all__ = [
+    "CodebookUsage",
+    "NormalizedCharErrorRate",
+    "NormalizedWordErrorRate",
+    "char_error_rate",
+    "normalize_transcript",
+    "tokens_per_second",
+    "word_error_rate",
     "CountingAccuracy",
     "CountingMAE",
     "CountingRMSE",
