@@ -59,6 +59,7 @@ class TokenLossMixin:
         shift_labels: bool = True,
         ignore_index: int = IGNORE_INDEX,
         reference: Any = None,
+        stream: str | None = None,
     ) -> Tensor:
         """Loss of one (micro-)batch through the token-loss pipeline.
 
@@ -72,6 +73,13 @@ class TokenLossMixin:
                 if ``labels[:, t]`` is already the target predicted at position ``t``.
             ignore_index: label value that takes no loss.
             reference: the reference model's statistics on this batch (``stats.reference`` for methods).
+            stream: ``None`` for the module's main token stream; a name (e.g. ``"acoustic"``) for a second
+                stream of tokens scored by another head in the same step (an acoustic decoder beside the
+                language model). A named stream is the token mean of this micro-batch over its kept tokens of
+                every rank, logged as ``train/<stream>/loss``, ``train/<stream>/nll`` and
+                ``train/<stream>/<Method>/...``; the methods that need a reference model apply to the main
+                stream only. Under data parallelism it is exact; under gradient accumulation it is the mean of
+                the micro-batches' token means (the main stream stays the exact window token mean).
 
         Returns:
             In training: the scalar to backpropagate (see :mod:`lightning_tokens.core.reduction`). Outside
@@ -85,6 +93,8 @@ class TokenLossMixin:
         trainer = self._trainer  # type: ignore[attr-defined]
         training = trainer is not None and trainer.training
         methods = token_methods(trainer) if training else []
+        if stream is not None:
+            methods = [m for m in methods if not m.requires_reference]
         stats = TokenStats(
             labels,
             hidden=hidden,
@@ -100,13 +110,14 @@ class TokenLossMixin:
         if not training:
             count = stats.mask.sum()
             return stats.nll.sum() / count.clamp(min=1)
-        return self._training_token_loss(stats, methods, batch)
+        return self._training_token_loss(stats, methods, batch, stream)
 
     # ---- training --------------------------------------------------------------------------------
-    def _training_token_loss(self, stats: TokenStats, methods: list, batch: dict[str, Any]) -> Tensor:
+    def _training_token_loss(self, stats: TokenStats, methods: list, batch: dict[str, Any], stream: str | None = None) -> Tensor:
         module: pl.LightningModule = self  # type: ignore[assignment]
         trainer = module._trainer
-        outcome = run_token_methods(stats, methods, module, data_weights(stats, batch))
+        prefix = "train/" if stream is None else f"train/{stream}/"
+        outcome = run_token_methods(stats, methods, module, data_weights(stats, batch), prefix=prefix)
         per_token = stats.nll if outcome.loss is None else outcome.loss
         weights, keep, extra = outcome.weights, outcome.keep, outcome.extra_loss
         keep = keep & (weights != 0)
@@ -121,11 +132,14 @@ class TokenLossMixin:
         total_kept, total_loss, total_labelled, total_nll = global_sum(
             torch.stack([kept.float(), loss_sum.detach().float(), stats.mask.sum().float(), nll_sum.float()]), trainer
         )
-        divisor = self._token_normalizer.divisor(kept, trainer, global_count=total_kept)
+        if stream is None:
+            divisor = self._token_normalizer.divisor(kept, trainer, global_count=total_kept)
+        else:  # a second stream: this micro-batch's global token mean (the window rescale is the main stream's)
+            divisor = max(float(total_kept), 1.0)
         batch_size = stats.labels.shape[0]
-        module.log("train/loss", total_loss / total_kept.clamp(min=1), prog_bar=True, batch_size=batch_size)
-        module.log("train/nll", total_nll / total_labelled.clamp(min=1), batch_size=batch_size)
-        module.log("train/kept_fraction", total_kept / total_labelled.clamp(min=1), batch_size=batch_size)
+        module.log(f"{prefix}loss", total_loss / total_kept.clamp(min=1), prog_bar=stream is None, batch_size=batch_size)
+        module.log(f"{prefix}nll", total_nll / total_labelled.clamp(min=1), batch_size=batch_size)
+        module.log(f"{prefix}kept_fraction", total_kept / total_labelled.clamp(min=1), batch_size=batch_size)
         return loss_sum / divisor
 
     @property
@@ -158,7 +172,7 @@ class MethodOutcome:
 
 
 def run_token_methods(
-    stats: TokenStats, methods: list, module: pl.LightningModule, weights: Tensor, log: bool = True
+    stats: TokenStats, methods: list, module: pl.LightningModule, weights: Tensor, log: bool = True, prefix: str = "train/"
 ) -> MethodOutcome:
     """Ask every post-forward method for its output, combine them, and log what they report (averaged over
     the ranks). ``weights`` are the data's weights that the methods multiply into. Shared by every module whose
@@ -180,7 +194,7 @@ def run_token_methods(
             outcome.loss, outcome.replaced_by = out.loss, method.name
         if out.extra_loss is not None:
             outcome.extra_loss = out.extra_loss if outcome.extra_loss is None else outcome.extra_loss + out.extra_loss
-        logs.update({f"train/{method.name}/{key}": value for key, value in out.logs.items()})
+        logs.update({f"{prefix}{method.name}/{key}": value for key, value in out.logs.items()})
         outcome.outputs[method.name] = out
     if not log:
         return outcome

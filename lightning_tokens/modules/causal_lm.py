@@ -272,7 +272,8 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         if plugin is not None:  # Lightning's BitsandbytesPrecision: quantize before LoRA
             model = quantize_for_precision(model, plugin)
         if self.lora is not None:
-            model = _add_lora(model, self.lora, quantized=self.quantization is not None, host=self)
+            model = _add_lora(model, self.lora, quantized=self.quantization is not None, host=self,
+                              modules_to_save=self.lora_modules_to_save())
         self.model = model
         if self.reference is not None:
             self.reference.setup(self)
@@ -319,6 +320,12 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         """Hook between loading the language model and adding LoRA / quantized layers (subclasses grow the
         vocabulary or freeze parts here); the default keeps the model as loaded."""
         return model
+
+    def lora_modules_to_save(self) -> list[str] | None:
+        """Modules of the language model that train in full beside the LoRA adapters (peft's
+        ``modules_to_save``): none by default; a module that grows the vocabulary returns its embeddings and
+        head here."""
+        return None
 
     @property
     def causal_lm(self) -> torch.nn.Module:
@@ -572,6 +579,8 @@ def _add_lora(
         task_type="CAUSAL_LM",
         init_lora_weights="gaussian" if settings.init == "gaussian" else True,
         modules_to_save=modules_to_save,  # trained in full beside the adapters (a VLM's projector)
+        # a tied embedding and head trained in full stay one matrix (DualSpeechLM's grown vocabulary)
+        ensure_weight_tying=bool(modules_to_save) and bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False)),
     )
     with hide_unused_bitsandbytes(), warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning we cannot fix here)
