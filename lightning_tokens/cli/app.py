@@ -3,6 +3,7 @@ entry point :func:`main`."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sys
@@ -44,6 +45,7 @@ class TokensCLI(LightningCLI):
             "saliency": {"model", "datamodule"},
             "steer": {"model", "datamodule"},
             "extract_codes": {"model", "datamodule"},
+            "speech_tokens": {"model", "datamodule"},
         }
 
     @override
@@ -131,6 +133,8 @@ def main(args: list[str] | None = None) -> None:
             from lightning_tokens.compare import main as compare_main
 
             compare_main(remaining[1:])
+        elif remaining[:1] == ["make_speech_data"]:
+            make_speech_data_main(remaining[1:])
         else:
             cli(None if args is None else remaining)
     except Exception as error:
@@ -139,6 +143,18 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"lightning-tokens: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def make_speech_data_main(args: list[str]) -> None:
+    """``lightning-tokens make_speech_data --output_dir data/speech [--num_utterances 600 --seed 0 ...]``: synthesise
+    the offline spoken dataset (:func:`~lightning_tokens.datamodules.speech_synthesis.make_speech_data`; needs the
+    ``speech-data`` extra, GPL-licensed voices that the library itself never imports)."""
+    from jsonargparse import auto_cli
+
+    from lightning_tokens.datamodules.speech_synthesis import make_speech_data
+
+    summary = auto_cli(make_speech_data, args=args, as_positional=False)
+    print(json.dumps(summary, indent=2, default=str))
 
 
 def _user_error(error: BaseException) -> LightningTokensError | None:

@@ -190,3 +190,79 @@ def _load_tuned(load: Any, base: str, tuned: str) -> Any:
     with hide_unused_bitsandbytes():
         merged = import_peft().PeftModel.from_pretrained(load(base), tuned).merge_and_unload()
     return merged.eval().requires_grad_(False)
+
+
+def speech_token_files(output: str, splits: list[str]) -> dict[str, str]:
+    """Where ``speech_tokens`` writes each split: ``output`` for ``train``, ``<stem>.<split><suffix>`` beside it
+    for the others.
+
+    Example:
+        >>> speech_token_files("runs/tokens.jsonl", ["train", "val"])
+        {'train': 'runs/tokens.jsonl', 'val': 'runs/tokens.val.jsonl'}
+    """
+    import os
+
+    stem, suffix = os.path.splitext(output)
+    return {split: output if split == "train" else f"{stem}.{split}{suffix or '.jsonl'}" for split in splits}
+
+
+def trainer_speech_tokens(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    ckpt_path: str,
+    output: str,
+    trust_checkpoint: bool = False,
+) -> dict[str, str]:
+    """``Trainer.speech_tokens``: load a speech tokenizer's weights (safely unless ``trust_checkpoint``), encode
+    every utterance of the datamodule's manifests (``train_file``, ``val_file``, ``test_file``) in order on the
+    trainer's root device, and write each manifest again with its records' ``speech_tokens`` (audio paths made
+    relative to the new file's folder). Returns ``{split: file written}``."""
+    import json
+    import os
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lightning_tokens.core.errors import ConfigError
+    from lightning_tokens.datamodules.speech import load_audio, read_speech_manifest
+    from lightning_tokens.modules.checkpoints import consolidated_state_dict, model_weights
+
+    files = getattr(datamodule, "files", None)
+    if not hasattr(model, "encode") or not isinstance(files, dict):
+        raise ConfigError(
+            "speech_tokens needs a speech tokenizer model (SpeechTokenizer) and a SpeechDataModule; got "
+            f"{type(model).__name__} and {type(datamodule).__name__}."
+        )
+    attach_to_trainer(trainer, model, datamodule)
+    model.configure_model()
+    model.load_state_dict(model_weights(consolidated_state_dict(ckpt_path, trust_checkpoint)["state_dict"]), strict=False)
+    model.to(trainer.strategy.root_device).eval()
+    splits = [split for split in ("train", "val", "test") if files.get(split)]
+    targets = speech_token_files(output, splits)
+    batch_size = int(getattr(datamodule, "batch_size", 8))
+    rate = int(getattr(model, "sample_rate", 16000))
+    for split in splits:
+        records = read_speech_manifest(files[split])
+        folder = os.path.dirname(os.path.abspath(targets[split]))
+        os.makedirs(folder, exist_ok=True)
+        seconds = tokens = 0
+        with open(targets[split], "w", encoding="utf-8") as handle:
+            for start in range(0, len(records), batch_size):
+                chunk = records[start : start + batch_size]
+                waves = [load_audio(record["audio"], rate) for record in chunk]
+                lengths = torch.tensor([len(wave) for wave in waves])
+                padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(trainer.strategy.root_device)
+                with torch.no_grad():
+                    codes = model.encode(padded, rate, lengths=lengths.to(padded.device))
+                for record, wave, code in zip(chunk, waves, codes):
+                    seconds += len(wave) / rate
+                    tokens += len(code)
+                    row = {key: value for key, value in record.items() if key != "source"}
+                    row["audio"] = os.path.relpath(record["audio"], folder)
+                    row["speech_tokens"] = code.tolist()
+                    handle.write(json.dumps(row) + "\n")
+        rank_zero_info(
+            f"speech_tokens: {len(records)} utterances ({seconds:.1f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s) "
+            f"of {files[split]} written to {targets[split]}"
+        )
+    return targets

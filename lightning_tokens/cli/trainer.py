@@ -350,3 +350,26 @@ class TokensTrainer(pl.Trainer):
         from lightning_tokens.cli.offline_steps import trainer_extract_codes
 
         trainer_extract_codes(self, model, datamodule, ckpt_path, output, trust_checkpoint)
+
+    def speech_tokens(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        ckpt_path: str,
+        output: str = "speech_tokens.jsonl",
+        trust_checkpoint: bool = False,
+    ) -> dict[str, str]:
+        """Tokenize every utterance of a speech dataset with a trained speech tokenizer: each manifest is written
+        again with the records' ``speech_tokens`` (25 per second), for ``DualSpeechLM``.
+
+        Args:
+            model: the speech tokenizer as configured for training (``SpeechTokenizer``).
+            datamodule: its data (``SpeechDataModule``: ``train_file``, ``val_file``, ``test_file``).
+            ckpt_path: the tokenizer's checkpoint.
+            output: the training manifest to write; the others go beside it as ``<stem>.val.jsonl`` and
+                ``<stem>.test.jsonl``.
+            trust_checkpoint: load ``ckpt_path`` without the safe-loading allowlist (a file you trust).
+        """
+        from lightning_tokens.cli.offline_steps import trainer_speech_tokens
+
+        return trainer_speech_tokens(self, model, datamodule, ckpt_path, output, trust_checkpoint)
