@@ -224,3 +224,22 @@ def test_validation_logs_rate_usage_and_table():
     total = tokenizer_loss(metrics["train/commit"], metrics["train/reconstruction"], metrics["train/understanding_ce"])
     assert float(metrics["train/loss"]) == pytest.approx(float(total), rel=1e-5)
     assert float(metrics["train/loss"]) != pytest.approx(float(metrics["train/understanding_ce"]))
+
+
+def test_feature_cache_gives_the_same_features_and_skips_the_frozen_encoder():
+    plain = _model(understanding_weight=0.0)
+    cached = _model(understanding_weight=0.0, feature_cache_size=8)
+    batch = _batch([8000, 5000, 12000], seed=2)
+    expected, frames = plain.whisper_features(batch["audio"], batch["audio_lengths"])
+    calls = []
+    cached.whisper_encoder.register_forward_hook(lambda *args: calls.append(1))
+    first, _ = cached.whisper_features(batch["audio"], batch["audio_lengths"])
+    assert len(calls) == 1
+    # the same utterances in another order and padding: served from the cache
+    reordered, frames2 = cached.whisper_features(batch["audio"][[2, 0]], batch["audio_lengths"][[2, 0]])
+    assert len(calls) == 1
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+    torch.testing.assert_close(reordered[0, : int(frames[2])], expected[2, : int(frames[2])], rtol=0, atol=0)
+    assert len(cached._feature_cache) == 3
+    with pytest.raises(ConfigError, match="feature_cache_size"):
+        SpeechTokenizer(feature_cache_size=-1)
