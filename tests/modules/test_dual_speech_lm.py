@@ -143,6 +143,7 @@ def test_validation_reports_cer_and_predict_writes_text_and_wav(tmp_path):
     trainer = _trainer(tmp_path, 2, limit_val_batches=1)
     trainer.fit(model, datamodule=data)
     assert 0.0 <= float(trainer.callback_metrics["val/cer"])
+    assert 0.0 <= float(trainer.callback_metrics["val/sqa_accuracy"]) <= 1.0
     assert "val/acoustic_loss" in trainer.callback_metrics
     outputs = [row for batch in trainer.predict(model, datamodule=data) for row in batch]
     assert [o["task"] for o in outputs[:4]] == ["asr", "tts", "sqa", "tts"]

@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from lightning_tokens.core.errors import ConfigError, DataError
 from lightning_tokens.core.stats import IGNORE_INDEX
-from lightning_tokens.metrics.speech import NormalizedCharErrorRate, NormalizedWordErrorRate
+from lightning_tokens.metrics.speech import NormalizedCharErrorRate, NormalizedWordErrorRate, normalize_transcript
 from lightning_tokens.models.tokenizers import bos_prefix
 from lightning_tokens.modules.causal_lm import TokenLM
 from lightning_tokens.modules.speech.formatting import (
@@ -44,6 +44,9 @@ __all__ = ["AcousticSettings", "DualSpeechLM", "SpeechSampling", "condition_choi
 # the module formats the datamodule's raw batches in `on_after_batch_transfer` on purpose (the tokenizer is the
 # model's); Lightning's notice that the module's hook is used rather than the datamodule's says nothing useful
 warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
+
+#: Validation prints this many ASR transcripts beside their references.
+SHOWN_TRANSCRIPTS = 5
 
 #: Chain-of-Condition choices: the acoustic decoder sees the question, the answer, or both.
 CONDITIONS = ("question", "answer", "both")
@@ -182,6 +185,8 @@ class DualSpeechLM(TokenLM):
         self.test_acoustic_loss = MeanMetric()
         self.val_cer, self.val_wer = NormalizedCharErrorRate(), NormalizedWordErrorRate()
         self.test_cer, self.test_wer = NormalizedCharErrorRate(), NormalizedWordErrorRate()
+        self.val_sqa_accuracy, self.test_sqa_accuracy = MeanMetric(), MeanMetric()
+        self._shown: list[tuple[str, str]] = []
 
     # ---- vocabulary ------------------------------------------------------------------------------
     @property
@@ -355,15 +360,37 @@ class DualSpeechLM(TokenLM):
         self.log(f"{prefix}/loss", loss_metric, prog_bar=True, batch_size=labels.shape[0])
         if self.acoustic_decoder is not None and bool(batch["is_generation"].any()):
             self.log(f"{prefix}/acoustic_loss", getattr(self, f"{prefix}_acoustic_loss"), batch_size=labels.shape[0])
-        asr = [i for i, task in enumerate(batch["task"]) if task in UNDERSTANDING_TASKS]
-        if self.generate_in_validation and asr:
-            texts = self.transcribe(batch, asr)
+        understanding = [i for i, task in enumerate(batch["task"]) if task in UNDERSTANDING_TASKS]
+        if not (self.generate_in_validation and understanding):
+            return
+        answers = dict(zip(understanding, self.transcribe(batch, understanding)))
+        asr = [i for i in understanding if batch["task"][i] == "asr"]
+        if asr:  # transcripts: character and word error rates (lower-cased, punctuation stripped)
+            room = max(0, SHOWN_TRANSCRIPTS - len(self._shown))
+            self._shown += [(batch["text"][i], answers[i]) for i in asr[:room]]
             cer, wer = getattr(self, f"{prefix}_cer"), getattr(self, f"{prefix}_wer")
-            truth = [batch["text"][i] for i in asr]
-            cer.update(texts, truth)
-            wer.update(texts, truth)
+            predicted, truth = [answers[i] for i in asr], [batch["text"][i] for i in asr]
+            cer.update(predicted, truth)
+            wer.update(predicted, truth)
             self.log(f"{prefix}/cer", cer, prog_bar=True, batch_size=len(asr))
             self.log(f"{prefix}/wer", wer, batch_size=len(asr))
+        sqa = [i for i in understanding if batch["task"][i] == "sqa"]
+        if sqa:  # spoken questions: exact match of the normalised answer
+            accuracy = getattr(self, f"{prefix}_sqa_accuracy")
+            accuracy.update(torch.tensor([
+                float(normalize_transcript(answers[i]) == normalize_transcript(batch["text"][i])) for i in sqa
+            ], device=self.device))
+            self.log(f"{prefix}/sqa_accuracy", accuracy, batch_size=len(sqa))
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._shown = []
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        if self._shown and not self.trainer.sanity_checking:
+            lines = [f"  {truth!r:40} -> {predicted!r}" for truth, predicted in self._shown]
+            rank_zero_info(f"step {self.global_step}: ASR on the validation set (reference -> transcript)\n" + "\n".join(lines))
 
     @torch.no_grad()
     def transcribe(self, batch: dict[str, Any], rows: list[int]) -> list[str]:
