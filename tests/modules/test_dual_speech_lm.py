@@ -212,3 +212,19 @@ def test_the_acoustic_loss_runs_on_a_batch_without_generation_rows(tmp_path):
     loss.backward()
     assert all(p.grad is not None for p in model.acoustic_decoder.parameters())
 
+
+
+def test_codec_cache_gives_the_same_tokens_without_running_the_codec_again():
+    plain = _model()
+    cached = _model(acoustic=AcousticSettings(**{**TINY_ACOUSTIC.__dict__, "cache_size": 8}))
+    batch = collate_records(speech_records(3, 24000, K, seed=4))
+    expected = plain.codec_tokens(batch["audio"], batch["audio_lengths"])
+    calls = []
+    original = cached.codec.encode
+    cached.codec.encode = lambda *args: calls.append(1) or original(*args)
+    first = cached.codec_tokens(batch["audio"], batch["audio_lengths"])
+    again = cached.codec_tokens(batch["audio"][[2, 0]], batch["audio_lengths"][[2, 0]])
+    assert len(calls) == 1 and len(cached.codec_cache) == 3
+    for a, b in zip(first, expected):
+        assert torch.equal(a, b)
+    assert torch.equal(again[0], expected[2]) and torch.equal(again[1], expected[0])

@@ -240,6 +240,6 @@ def test_feature_cache_gives_the_same_features_and_skips_the_frozen_encoder():
     assert len(calls) == 1
     torch.testing.assert_close(first, expected, rtol=0, atol=0)
     torch.testing.assert_close(reordered[0, : int(frames[2])], expected[2, : int(frames[2])], rtol=0, atol=0)
-    assert len(cached._feature_cache) == 3
+    assert len(cached.feature_cache) == 3
     with pytest.raises(ConfigError, match="feature_cache_size"):
         SpeechTokenizer(feature_cache_size=-1)

@@ -29,6 +29,7 @@ from lightning_tokens.core.stats import IGNORE_INDEX
 from lightning_tokens.metrics.speech import NormalizedCharErrorRate, NormalizedWordErrorRate, normalize_transcript
 from lightning_tokens.models.tokenizers import bos_prefix
 from lightning_tokens.modules.causal_lm import TokenLM
+from lightning_tokens.modules.frozen_cache import WaveformCache
 from lightning_tokens.modules.speech.formatting import (
     DEFAULT_INSTRUCTIONS,
     GENERATION_TASKS,
@@ -63,6 +64,8 @@ class AcousticSettings:
         n_embd, n_layer, n_head, block_size, dropout: the decoder GPT's size.
         speaker_dim: size of a per-utterance speaker embedding (batch ``speaker_embedding``), ``None`` for none.
         weight: weight of the acoustic cross-entropy (1.0: the reference's 1:1).
+        cache_size: keep the frozen codec's tokens of up to this many utterances in memory (keyed by the
+            waveform's bytes), so later epochs skip the codec: the same tokens. ``0``: no cache.
     """
 
     codec: str = "tiny-encodec"
@@ -73,6 +76,7 @@ class AcousticSettings:
     dropout: float = 0.0
     speaker_dim: int | None = None
     weight: float = 1.0
+    cache_size: int = 0
 
 
 @dataclass
@@ -172,6 +176,7 @@ class DualSpeechLM(TokenLM):
             )
         if acoustic is not None and acoustic.weight < 0:
             raise ConfigError(f"DualSpeechLM(acoustic.weight={acoustic.weight}): must be >= 0.")
+        self.codec_cache = WaveformCache(acoustic.cache_size if acoustic else 0, "DualSpeechLM(acoustic.cache_size)")
         self.speech_codebook_size = speech_codebook_size
         self.acoustic_settings = acoustic
         self.chain_of_condition = chain_of_condition
@@ -329,6 +334,20 @@ class DualSpeechLM(TokenLM):
             condition_mask[i, :count] = True
         return condition, condition_mask
 
+    @torch.no_grad()
+    def codec_tokens(self, audio: Tensor, lengths: Tensor) -> list[Tensor]:
+        """The frozen codec's tokens of each waveform (served from the cache when seen before)."""
+        waves = [audio[i, :n].detach().float().cpu().numpy() for i, n in enumerate(lengths.tolist())]
+
+        def encode(items: list[Any]) -> list[Tensor]:
+            lengths = torch.tensor([len(w) for w in items])
+            padded = torch.zeros(len(items), int(lengths.max()))
+            for i, wave in enumerate(items):
+                padded[i, : len(wave)] = torch.from_numpy(wave)
+            return self.codec.encode(padded.to(self.device), lengths.to(self.device))
+
+        return [codes.to(self.device) for codes in self.codec_cache.map(waves, encode)]
+
     def acoustic_loss(self, batch: dict[str, Any], hidden: Tensor) -> Tensor:
         """The acoustic decoder's token loss on the codec tokens of the generation rows' audio (stream
         ``acoustic``). Every rank runs it, with a fully ignored dummy row when it has no generation rows, so that
@@ -336,8 +355,7 @@ class DualSpeechLM(TokenLM):
         rows = torch.nonzero(batch["is_generation"]).flatten()
         vocab = self.acoustic_vocabulary
         if len(rows):
-            with torch.no_grad():
-                codes = self.codec.encode(batch["audio"][rows].float(), batch["audio_lengths"][rows])
+            codes = self.codec_tokens(batch["audio"][rows], batch["audio_lengths"][rows])
             input_ids, labels = vocab.build_targets([c.to(hidden.device) for c in codes])
             condition, condition_mask = self.acoustic_condition(batch, hidden, rows)
         else:

@@ -47,6 +47,7 @@ from typing_extensions import override
 
 from lightning_tokens.core.errors import ConfigError, DataError
 from lightning_tokens.core.loss import TokenLossMixin
+from lightning_tokens.modules.frozen_cache import WaveformCache
 from lightning_tokens.core.stats import IGNORE_INDEX
 from lightning_tokens.metrics.speech import CodebookUsage, tokens_per_second
 from lightning_tokens.modules.causal_lm import OptimizerSettings
@@ -222,10 +223,7 @@ class SpeechTokenizer(TokenLossMixin, pl.LightningModule):
         self.feature_extractor: Any = None
         self.language_model: nn.Module | None = None
         self.text_tokenizer: Any = None
-        if feature_cache_size < 0:
-            raise ConfigError(f"SpeechTokenizer(feature_cache_size={feature_cache_size}): must be >= 0 (0: no cache).")
-        self.feature_cache_size = int(feature_cache_size)
-        self._feature_cache: dict[tuple[int, int], Tensor] = {}
+        self.feature_cache = WaveformCache(feature_cache_size, "SpeechTokenizer(feature_cache_size)")
         self.val_codebook = CodebookUsage(self.codebook_size)
         self._val: dict[str, Any] = {}
 
@@ -311,14 +309,7 @@ class SpeechTokenizer(TokenLossMixin, pl.LightningModule):
         audio, lengths = _check_audio(audio, lengths)
         self._ensure_built()
         waves = [audio[i, :n].detach().float().cpu().numpy() for i, n in enumerate(lengths.tolist())]
-        keys = [(len(wave), hash(wave.tobytes())) for wave in waves] if self.feature_cache_size else [None] * len(waves)
-        per_item: list[Tensor | None] = [self._feature_cache.get(key) if key else None for key in keys]
-        missing = [i for i, item in enumerate(per_item) if item is None]
-        if missing:
-            for i, item in zip(missing, self._encode_windows([waves[i] for i in missing])):
-                per_item[i] = item
-                if keys[i] is not None and len(self._feature_cache) < self.feature_cache_size:
-                    self._feature_cache[keys[i]] = item.cpu()
+        per_item = self.feature_cache.map(waves, self._encode_windows)
         device = self.device
         frames = (lengths.to(device) + SAMPLES_PER_FRAME - 1) // SAMPLES_PER_FRAME
         width = per_item[0].shape[-1]
