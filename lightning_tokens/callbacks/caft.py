@@ -35,7 +35,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -249,6 +249,8 @@ class CAFT(TokenMethod):
         trainer = L.Trainer(max_steps=100, callbacks=[caft])
         trainer.fit(TokenLM(model="tiny-llama", tokenizer="char"), datamodule=dm); caft.save_heads("heads.pt")
     """
+
+    language_model_only: ClassVar[bool] = True  # its heads read the language model's hidden states
 
     def __init__(
         self,

@@ -41,7 +41,7 @@ length and padding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -289,6 +289,8 @@ class ContrastiveUnlikelihood(TokenMethod):
         trainer = L.Trainer(callbacks=[ContrastiveUnlikelihood(threshold=1.1)])
         trainer.fit(TokenLM(model="smollm2-135m-instruct"), ContrastiveDataModule(train_file="cut.jsonl"))
     """
+
+    language_model_only: ClassVar[bool] = True  # its paired contexts are the language model's inputs
 
     def __init__(
         self,

@@ -77,8 +77,8 @@ class TokenLossMixin:
                 stream of tokens scored by another head in the same step (an acoustic decoder beside the
                 language model). A named stream is the token mean of this micro-batch over its kept tokens of
                 every rank, logged as ``train/<stream>/loss``, ``train/<stream>/nll`` and
-                ``train/<stream>/<Method>/...``; the methods that need a reference model apply to the main
-                stream only. Under data parallelism it is exact; under gradient accumulation it is the mean of
+                ``train/<stream>/<Method>/...``; the methods that read the language model (a reference model,
+                auxiliary heads: ``requires_reference`` or ``language_model_only``) apply to the main stream only. Under data parallelism it is exact; under gradient accumulation it is the mean of
                 the micro-batches' token means (the main stream stays the exact window token mean).
 
         Returns:
@@ -94,7 +94,7 @@ class TokenLossMixin:
         training = trainer is not None and trainer.training
         methods = token_methods(trainer) if training else []
         if stream is not None:
-            methods = [m for m in methods if not m.requires_reference]
+            methods = [m for m in methods if not (m.requires_reference or m.language_model_only)]
         stats = TokenStats(
             labels,
             hidden=hidden,

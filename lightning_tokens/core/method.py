@@ -64,6 +64,9 @@ class _UniqueTokenCallback(Callback):
     """Shared by both hook points: a method may appear once per Trainer, and needs what it declares."""
 
     requires_reference: ClassVar[bool] = False
+    #: The method reads the language model itself (a reference, auxiliary heads on its hidden states), so it
+    #: applies to a module's main token stream only, not to a second one (``token_loss(stream=...)``).
+    language_model_only: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

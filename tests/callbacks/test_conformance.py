@@ -120,3 +120,42 @@ def test_paired_method_contract_and_refusal_of_unpaired_batches(name, factory):
     test_method_contract(name, factory)
     with pytest.raises(ConfigError, match="negative_input_ids"):
         _fit(factory(), lora=False)
+
+
+# ---- DualSpeechLM: two token streams (language model, acoustic decoder) in one step --------------------------
+def _fit_dual_speech(method, lora: bool):
+    from lightning_tokens.modules.speech import AcousticSettings, DualSpeechLM
+    from tests.speech_fixtures import RecordsDataModule
+
+    reference = ReferenceSettings(mode="adapter_disabled") if method.requires_reference else None
+    model = DualSpeechLM(
+        model="tiny-llama", tokenizer="char", model_config=TINY, optimizer=OptimizerSettings(lr=1e-2, warmup=0),
+        speech_codebook_size=16, acoustic=AcousticSettings(n_embd=16, n_layer=1, n_head=2, block_size=256),
+        lora=LoRASettings(r=4) if lora else None, reference=reference,
+    )
+    callbacks = [method] if isinstance(method, DFT) else [method, DFT()]
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_val_batches=0, callbacks=callbacks,
+    )
+    trainer.fit(model, datamodule=RecordsDataModule(count=8, codebook_size=16, batch_size=4))
+    return trainer
+
+
+# methods that need a reference run under LoRA (the adapter-disabled base) and weight the language model's
+# stream only; the others weight the acoustic stream too
+DUAL_SPEECH = [("dft", False), ("rho1", True), ("qtuning", False), ("sstoken", True), ("ift", False), ("caft", False), ("otr", False)]
+
+
+@pytest.mark.parametrize("name,lora", DUAL_SPEECH, ids=[f"{n}-{'lora' if lora else 'full'}" for n, lora in DUAL_SPEECH])
+def test_method_trains_on_dual_speech_lm(name, lora):
+    factory = dict(METHODS)[name]
+    method = factory()
+    trainer = _fit_dual_speech(method, lora)
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["train/acoustic/loss"])
+    assert 0 < float(metrics["train/kept_fraction"]) <= 1
+    assert trainer.global_step == 2
+    assert any(key.startswith("train/acoustic/DFT/") for key in metrics)  # DFT weights the acoustic tokens too
+    if method.requires_reference or method.language_model_only:  # the language model's stream only
+        assert not any(key.startswith(f"train/acoustic/{method.name}/") for key in metrics)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -89,6 +89,8 @@ class SafetyShaping(TokenMethod):
         trainer = L.Trainer(callbacks=[SafetyShaping(scores_file="star.safetensors", kl_coef=1.0)])
         trainer.fit(model, datamodule=SFTDataModule(train_file="data/examples/sft_chat.jsonl"))
     """
+
+    language_model_only: ClassVar[bool] = True  # its STAR scores index the language model's tokens
 
     requires_reference = True
 

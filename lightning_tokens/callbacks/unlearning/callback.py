@@ -4,7 +4,7 @@ model or adapter when ``fit`` ends (:class:`SavePretrained`, step 1)."""
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -71,6 +71,8 @@ class GenericLabels(TokenMethod):
         trainer = L.Trainer(max_steps=150, callbacks=[GenericLabels("runs/whp/generic_labels.safetensors")])
         trainer.fit(model, datamodule=SFTDataModule(train_file="data/examples/whp/corpus.jsonl"))
     """
+
+    language_model_only: ClassVar[bool] = True  # its generic labels index the language model's tokens
 
     def __init__(self, targets_file: str, mode: TargetMode = "hard", renormalize: bool = True) -> None:
         check_choice("GenericLabels", "mode", mode, ("hard", "soft"))
