@@ -228,3 +228,8 @@ def test_codec_cache_gives_the_same_tokens_without_running_the_codec_again():
     for a, b in zip(first, expected):
         assert torch.equal(a, b)
     assert torch.equal(again[0], expected[2]) and torch.equal(again[1], expected[0])
+
+
+def test_an_acoustic_budget_beyond_the_decoder_is_refused_at_once():
+    with pytest.raises(ConfigError, match=r"sampling.max_acoustic_tokens=1200.*acoustic.block_size=256"):
+        _model(sampling=SpeechSampling(max_acoustic_tokens=1200))

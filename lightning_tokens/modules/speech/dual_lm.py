@@ -87,7 +87,8 @@ class SpeechSampling:
         temperature, top_p: sampling of the speech tokens by the LM.
         acoustic_temperature, acoustic_top_p: sampling of the codec tokens by the acoustic decoder.
         max_speech_tokens: most speech tokens per utterance (25 per second).
-        max_acoustic_tokens: most codec tokens per utterance.
+        max_acoustic_tokens: most codec tokens per utterance (``None``: the acoustic decoder's ``block_size``; the
+            reference samples up to 1200, 30 s at its 40 per second).
         seed: seed of the sampling.
     """
 
@@ -96,7 +97,7 @@ class SpeechSampling:
     acoustic_temperature: float = 1.0
     acoustic_top_p: float = 0.5
     max_speech_tokens: int = 250
-    max_acoustic_tokens: int = 1200
+    max_acoustic_tokens: int | None = None
     seed: int = 0
 
 
@@ -167,6 +168,11 @@ class DualSpeechLM(TokenLM):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # inference options are not part of the trained model: kept out of the checkpoint's hyper-parameters,
+        # so that `predict --ckpt_path ...` honours the values given at prediction time
+        for name in ("sampling", "prediction_dir"):
+            self.hparams.pop(name, None)
+            self._hparams_initial.pop(name, None)
         if speech_codebook_size < 1:
             raise ConfigError(f"DualSpeechLM(speech_codebook_size={speech_codebook_size}): must be >= 1.")
         if len(condition_probabilities) != 3 or min(condition_probabilities) < 0 or abs(sum(condition_probabilities) - 1) > 1e-6:
@@ -176,6 +182,14 @@ class DualSpeechLM(TokenLM):
             )
         if acoustic is not None and acoustic.weight < 0:
             raise ConfigError(f"DualSpeechLM(acoustic.weight={acoustic.weight}): must be >= 0.")
+        sampling = sampling or SpeechSampling()
+        budget = sampling.max_acoustic_tokens
+        if acoustic is not None and budget is not None and not 1 <= budget <= acoustic.block_size:
+            raise ConfigError(
+                f"DualSpeechLM(sampling.max_acoustic_tokens={sampling.max_acoustic_tokens}) must lie in 1 … "
+                f"acoustic.block_size={acoustic.block_size}: lower it (75 codec tokens a second with EnCodec) or "
+                "raise acoustic.block_size."
+            )
         self.codec_cache = WaveformCache(acoustic.cache_size if acoustic else 0, "DualSpeechLM(acoustic.cache_size)")
         self.speech_codebook_size = speech_codebook_size
         self.acoustic_settings = acoustic
@@ -466,7 +480,7 @@ class DualSpeechLM(TokenLM):
             generator = torch.Generator(device=condition.device).manual_seed(settings.seed + i)
             codes = self.acoustic_decoder.generate(
                 condition, torch.ones(condition.shape[:2], dtype=torch.bool, device=condition.device),
-                max_new_tokens=settings.max_acoustic_tokens, top_p=settings.acoustic_top_p,
+                max_new_tokens=settings.max_acoustic_tokens or self.acoustic_decoder.block_size, top_p=settings.acoustic_top_p,
                 temperature=settings.acoustic_temperature, generator=generator,
             )[0]
             result["acoustic_tokens"] = codes.tolist()
