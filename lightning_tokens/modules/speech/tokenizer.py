@@ -546,11 +546,12 @@ class SpeechTokenizer(TokenLossMixin, pl.LightningModule):
         self.log("val/perplexity", perplexity)
         self.log("val/tokens_per_second_of_audio", rate)
         recon = sum(self._val["recon"]) / max(len(self._val["recon"]), 1)
-        ce = sum(self._val["ce"]) / len(self._val["ce"]) if self._val["ce"] else float("nan")
+        # no LM (understanding_weight 0) or no understanding record: no CE to show
+        ce = f"{sum(self._val['ce']) / len(self._val['ce']):6.3f}" if self._val["ce"] else "     -"
         rank_zero_info(
             f"step {self.global_step}: speech tokenizer validation\n"
             f"  usage  perplexity   recon      CE   tok/s\n"
-            f"  {float(usage):5.3f}  {float(perplexity):10.2f}  {recon:6.4f}  {ce:6.3f}  {rate:5.1f}"
+            f"  {float(usage):5.3f}  {float(perplexity):10.2f}  {recon:6.4f}  {ce}  {rate:5.1f}"
         )
 
     @override
