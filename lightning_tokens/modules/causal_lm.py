@@ -6,6 +6,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -85,6 +86,40 @@ class OptimizerSettings:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup: float = 0.05
     min_lr_ratio: float = 0.1
+
+
+def adamw_with_schedule(
+    named_parameters: Iterable[tuple[str, Tensor]],
+    settings: OptimizerSettings,
+    trainer: pl.Trainer,
+    no_decay: Callable[[str], bool] | None = None,
+) -> dict[str, Any]:
+    """``configure_optimizers``' return value for ``settings``: AdamW over the trainable parameters (no weight
+    decay on biases, norms and the names ``no_decay`` picks; the fused kernel on CUDA) and linear warm-up, then
+    cosine decay to ``min_lr_ratio · lr`` over the trainer's optimizer steps, stepped every step.
+
+    Example::
+
+        def configure_optimizers(self):
+            return adamw_with_schedule(self.named_parameters(), self.optimizer_settings, self.trainer)
+    """
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    decay, plain = [], []
+    for name, param in named_parameters:
+        if param.requires_grad:
+            exempt = param.dim() < 2 or "norm" in name.lower() or (no_decay is not None and no_decay(name))
+            (plain if exempt else decay).append(param)
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    # the fused CUDA kernel updates in place: no parameter-sized temporaries at the step's peak
+    fused = all(p.is_cuda for group in groups for p in group["params"]) and bool(decay or plain)
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), fused=fused or None)
+    total = max(int(trainer.estimated_stepping_batches), 1)
+    warmup = int(settings.warmup * total) if settings.warmup < 1 else int(settings.warmup)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(  # a warm-up longer than the run stays a warm-up
+        optimizer, num_warmup_steps=warmup, num_training_steps=max(total, warmup + 1), min_lr_rate=settings.min_lr_ratio
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 #: Batch key of the input-embedding mix a pre-forward method asks for: ``{"tokens": LongTensor (B, T),
@@ -497,26 +532,7 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
     # ---- optimisation ----------------------------------------------------------------------------
     @override
     def configure_optimizers(self) -> Any:
-        from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-        settings = self.optimizer_settings
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
-        groups = [
-            {"params": decay, "weight_decay": settings.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        # the fused CUDA kernel updates in place: no parameter-sized temporaries at the step's peak
-        fused = all(p.is_cuda for group in groups for p in group["params"]) and bool(decay or no_decay)
-        optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), fused=fused or None)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(settings.warmup * total) if settings.warmup < 1 else int(settings.warmup)
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, num_warmup_steps=warmup, num_training_steps=total, min_lr_rate=settings.min_lr_ratio
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(self.named_parameters(), self.optimizer_settings, self.trainer)
 
     @override
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

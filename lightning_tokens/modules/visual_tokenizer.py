@@ -40,7 +40,7 @@ from typing_extensions import override
 from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.options import check_choice
 from lightning_tokens.models.vision import VisionEncoder, build_vision_encoder
-from lightning_tokens.modules.causal_lm import OptimizerSettings
+from lightning_tokens.modules.causal_lm import OptimizerSettings, adamw_with_schedule
 
 __all__ = [
     "GVT_OPTIMIZER",
@@ -420,26 +420,10 @@ class VisualTokenizerDistillation(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
         self._require_model("configure_optimizers")
         assert self.student is not None
-        settings = self.optimizer_settings
         exempt = {f"student.backbone.{name}" for name in _no_weight_decay(self.student.backbone)} | {"mask_token"}
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            plain = param.dim() < 2 or "norm" in name.lower() or name in exempt
-            (no_decay if plain else decay).append(param)
-        groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(settings.warmup * total) if settings.warmup < 1 else int(settings.warmup)
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, num_warmup_steps=warmup, num_training_steps=total, min_lr_rate=settings.min_lr_ratio
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(self.named_parameters(), self.optimizer_settings, self.trainer, no_decay=exempt.__contains__)
 
     # ---- the student as a timm checkpoint --------------------------------------------------------
     def student_config(self, checkpoint: str | None = None) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from lightning_tokens.core.loss import TokenLossMixin
 from lightning_tokens.modules.frozen_cache import WaveformCache
 from lightning_tokens.core.stats import IGNORE_INDEX
 from lightning_tokens.metrics.speech import CodebookUsage, tokens_per_second
-from lightning_tokens.modules.causal_lm import OptimizerSettings
+from lightning_tokens.modules.causal_lm import OptimizerSettings, adamw_with_schedule
 
 SAMPLE_RATE = 16_000
 #: audio samples per Whisper encoder frame (50 Hz) and per token (25 Hz)
@@ -556,21 +556,7 @@ class SpeechTokenizer(TokenLossMixin, pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-        settings = self.optimizer_settings
-        decay, no_decay = [], []
-        for _, param in self.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.dim() < 2 else decay).append(param)
-        groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(settings.warmup * total) if settings.warmup < 1 else int(settings.warmup)
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, num_warmup_steps=warmup, num_training_steps=max(total, warmup + 1), min_lr_rate=settings.min_lr_ratio
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(self.named_parameters(), self.optimizer_settings, self.trainer)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     @override
