@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from lightning_tokens.modules import OptimizerSettings  # noqa: E402
 from lightning_tokens.modules.speech import AcousticSettings, DualSpeechLM  # noqa: E402
-from tests.speech_fixtures import collate_records, speech_records  # noqa: E402
+from lightning_tokens.datamodules.speech import collate_speech  # noqa: E402
+from tests.speech_fixtures import speech_records  # noqa: E402
 
 K = 16
 GLOBAL_BATCH = 4
@@ -60,7 +61,7 @@ def fit(strategy: str) -> tuple[list[tuple[float, float]], dict[str, torch.Tenso
     )
     records = speech_records(GLOBAL_BATCH * STEPS, 24000, K, seed=5)
     sampler = DistributedSampler(records, num_replicas=world, rank=int(os.environ.get("RANK", "0")), shuffle=False)
-    loader = DataLoader(records, batch_size=GLOBAL_BATCH // world, sampler=sampler, collate_fn=collate_records)
+    loader = DataLoader(records, batch_size=GLOBAL_BATCH // world, sampler=sampler, collate_fn=collate_speech)
     trainer.fit(model, loader)
     return losses, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 

@@ -1,11 +1,14 @@
-"""Raw speech batches as :class:`~lightning_tokens.datamodules.speech.SpeechDataModule` gives them, made in
-code (random waveforms and speech tokens), for the speech module tests and their multi-process worker."""
+"""Speech records as :class:`~lightning_tokens.datamodules.speech.SpeechDataset` gives them, made in code
+(random waveforms and speech tokens) and batched by its ``collate_speech``, for the speech module tests and
+their multi-process worker."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_tokens.datamodules.speech import collate_speech
 
 WORDS = ("one", "two", "three", "four", "five", "six")
 TASKS = ("asr", "tts", "sqa", "tts")
@@ -25,21 +28,10 @@ def speech_records(count: int, sample_rate: int, codebook_size: int, seed: int =
             "audio": 0.1 * torch.randn(samples, generator=generator),
             "text": " ".join(WORDS[w] for w in words),
             "task": TASKS[i % len(TASKS)],
+            "question": None,
             "speech_tokens": torch.randint(codebook_size, (max(1, int(seconds * 25)),), generator=generator),
         })
     return records
-
-
-def collate_records(records: list[dict]) -> dict:
-    """The SpeechDataModule batch contract."""
-    lengths = torch.tensor([len(r["audio"]) for r in records])
-    audio = torch.zeros(len(records), int(lengths.max()))
-    for row, record in enumerate(records):
-        audio[row, : len(record["audio"])] = record["audio"]
-    return {
-        "audio": audio, "audio_lengths": lengths, "text": [r["text"] for r in records], "task": [r["task"] for r in records],
-        "ids": [r["id"] for r in records], "question": [None] * len(records), "speech_tokens": [r["speech_tokens"] for r in records],
-    }
 
 
 class _Records(Dataset):
@@ -62,10 +54,10 @@ class RecordsDataModule(pl.LightningDataModule):
         self.records = speech_records(count, sample_rate, codebook_size, seed)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Records(self.records), batch_size=self.batch_size, shuffle=False, collate_fn=collate_records)
+        return DataLoader(_Records(self.records), batch_size=self.batch_size, shuffle=False, collate_fn=collate_speech)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(_Records(self.records[:8]), batch_size=self.batch_size, collate_fn=collate_records)
+        return DataLoader(_Records(self.records[:8]), batch_size=self.batch_size, collate_fn=collate_speech)
 
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -419,13 +419,19 @@ class TokenLM(TokenLossMixin, pl.LightningModule):
         return OutputHead.from_module(self.causal_lm.get_output_embeddings())
 
     def _loss(self, batch: dict[str, Any]) -> Tensor:
+        return self.language_model_loss(batch)[0]
+
+    def language_model_loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """The language model's token loss of a batch (with the reference's statistics when a training method
+        needs them) and the final hidden states it was computed from, for subclasses that add terms on them."""
         reference = None
         training = self._trainer is not None and self.trainer.training
         if self.reference is not None and training and any(m.requires_reference for m in token_methods(self.trainer)):
             # before the training forward: the EMA provider swaps weights in and out
             reference = self.reference.stats(batch, self)
         hidden = self.hidden_states(batch)
-        return self.token_loss(batch["labels"], hidden=hidden, head=self.causal_lm.get_output_embeddings(), batch=batch, reference=reference)
+        head = self.causal_lm.get_output_embeddings()
+        return self.token_loss(batch["labels"], hidden=hidden, head=head, batch=batch, reference=reference), hidden
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

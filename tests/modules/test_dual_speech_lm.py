@@ -18,7 +18,8 @@ from lightning_tokens.modules import LoRASettings, OptimizerSettings
 from lightning_tokens.modules.speech import AcousticSettings, DualSpeechLM, SpeechSampling
 from lightning_tokens.modules.speech.dual_lm import condition_choice
 from lightning_tokens.modules.speech.formatting import SpeechVocabulary, extend_tokenizer, format_speech_example
-from tests.speech_fixtures import RecordsDataModule, collate_records, speech_records
+from lightning_tokens.datamodules.speech import collate_speech
+from tests.speech_fixtures import RecordsDataModule, speech_records
 
 K = 16
 TINY_LM = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128}
@@ -87,7 +88,7 @@ def test_bad_settings_fail_early_naming_the_field():
         _model(speech_codebook_size=0)
     model = _model(acoustic=None)
     with pytest.raises(DataError, match="speech_tokens"):
-        model.format_batch({k: v for k, v in collate_records(speech_records(2, 16000, K)).items() if k != "speech_tokens"})
+        model.format_batch({k: v for k, v in collate_speech(speech_records(2, 16000, K)).items() if k != "speech_tokens"})
 
 
 def test_a_training_step_is_the_lm_token_loss_plus_the_acoustic_token_loss(tmp_path):
@@ -97,7 +98,7 @@ def test_a_training_step_is_the_lm_token_loss_plus_the_acoustic_token_loss(tmp_p
     trainer = _trainer(tmp_path, 1)
     trainer.fit(model, datamodule=data)  # builds everything through the real hooks
     model.eval()
-    batch = model.on_after_batch_transfer(collate_records(data.records), 0)
+    batch = model.on_after_batch_transfer(collate_speech(data.records), 0)
     with torch.no_grad():
         hidden = model.hidden_states(batch)
         logits = model.causal_lm.get_output_embeddings()(hidden)
@@ -205,7 +206,7 @@ def test_the_acoustic_loss_runs_on_a_batch_without_generation_rows(tmp_path):
     model = _model()
     model.configure_model()
     records = [r for r in speech_records(8, 24000, K) if r["task"] != "tts"][:2]
-    batch = model.on_after_batch_transfer(collate_records(records), 0)
+    batch = model.on_after_batch_transfer(collate_speech(records), 0)
     hidden = model.hidden_states(batch)
     loss = model.acoustic_loss(batch, hidden)
     assert float(loss) == 0.0
@@ -217,7 +218,7 @@ def test_the_acoustic_loss_runs_on_a_batch_without_generation_rows(tmp_path):
 def test_codec_cache_gives_the_same_tokens_without_running_the_codec_again():
     plain = _model()
     cached = _model(acoustic=AcousticSettings(**{**TINY_ACOUSTIC.__dict__, "cache_size": 8}))
-    batch = collate_records(speech_records(3, 24000, K, seed=4))
+    batch = collate_speech(speech_records(3, 24000, K, seed=4))
     expected = plain.codec_tokens(batch["audio"], batch["audio_lengths"])
     calls = []
     original = cached.codec.encode

@@ -308,15 +308,8 @@ class DualSpeechLM(TokenLM):
     # ---- training --------------------------------------------------------------------------------
     @override
     def _loss(self, batch: dict[str, Any]) -> Tensor:
-        reference = None
+        loss, hidden = self.language_model_loss(batch)
         training = self._trainer is not None and self.trainer.training
-        if self.reference is not None and training:
-            from lightning_tokens.core.method import token_methods
-
-            if any(m.requires_reference for m in token_methods(self.trainer)):
-                reference = self.reference.stats(batch, self)
-        hidden = self.hidden_states(batch)
-        loss = self.token_loss(batch["labels"], hidden=hidden, head=self.causal_lm.get_output_embeddings(), batch=batch, reference=reference)
         if self.acoustic_decoder is None:
             return loss
         acoustic = self.acoustic_loss(batch, hidden)
@@ -386,10 +379,8 @@ class DualSpeechLM(TokenLM):
     # ---- evaluation ------------------------------------------------------------------------------
     @override
     def _evaluate(self, batch: dict[str, Any], loss_metric: MeanMetric, metrics: Any, prefix: str) -> None:
+        super()._evaluate(batch, loss_metric, None, prefix)  # the LM loss (and the acoustic loss's update)
         labels = batch["labels"]
-        count = (labels[:, 1:] != IGNORE_INDEX).sum()
-        loss_metric.update(self._loss(batch), weight=count.clamp(min=1))
-        self.log(f"{prefix}/loss", loss_metric, prog_bar=True, batch_size=labels.shape[0])
         if self.acoustic_decoder is not None and bool(batch["is_generation"].any()):
             self.log(f"{prefix}/acoustic_loss", getattr(self, f"{prefix}_acoustic_loss"), batch_size=labels.shape[0])
         understanding = [i for i, task in enumerate(batch["task"]) if task in UNDERSTANDING_TASKS]
