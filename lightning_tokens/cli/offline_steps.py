@@ -140,6 +140,18 @@ def trainer_divergence(
     return report.summary
 
 
+def load_trained_weights(model: pl.LightningModule, ckpt_path: str, trust_checkpoint: bool = False) -> None:
+    """Build ``model`` (``configure_model``) and load a training checkpoint's weights into it strictly (safely
+    unless ``trust_checkpoint``), through the module's own ``on_load_checkpoint``: what the module leaves out of
+    its checkpoints (a tokenizer's frozen networks) is put back there, so every other key must match."""
+    from lightning_tokens.modules.checkpoints import consolidated_state_dict, model_weights
+
+    model.configure_model()
+    checkpoint = consolidated_state_dict(ckpt_path, trust_checkpoint)
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(model_weights(checkpoint["state_dict"]))
+
+
 def trainer_extract_codes(
     trainer: pl.Trainer,
     model: pl.LightningModule,
@@ -155,12 +167,11 @@ def trainer_extract_codes(
 
     from lightning_tokens.core.errors import ConfigError
     from lightning_tokens.datamodules.image_codes import extract_codes, save_codes, write_code_tokenizer
-    from lightning_tokens.modules.checkpoints import consolidated_state_dict, model_weights
 
     if not hasattr(model, "encode") or not hasattr(model, "size"):
         raise ConfigError(f"extract_codes needs an image tokenizer model (FlexibleImageTokenizer); got {type(model).__name__}.")
     attach_to_trainer(trainer, model, datamodule)
-    model.load_state_dict(model_weights(consolidated_state_dict(ckpt_path, trust_checkpoint)["state_dict"]))
+    load_trained_weights(model, ckpt_path, trust_checkpoint)
     ordered = getattr(datamodule, "ordered_dataloader", None)
     if ordered is not None:
         loaders = [loader for loader in (ordered("train"), ordered("val")) if loader is not None]
@@ -225,7 +236,6 @@ def trainer_speech_tokens(
 
     from lightning_tokens.core.errors import ConfigError
     from lightning_tokens.datamodules.speech import load_audio, read_speech_manifest
-    from lightning_tokens.modules.checkpoints import consolidated_state_dict, model_weights
 
     files = getattr(datamodule, "files", None)
     if not hasattr(model, "encode") or not isinstance(files, dict):
@@ -234,8 +244,7 @@ def trainer_speech_tokens(
             f"{type(model).__name__} and {type(datamodule).__name__}."
         )
     attach_to_trainer(trainer, model, datamodule)
-    model.configure_model()
-    model.load_state_dict(model_weights(consolidated_state_dict(ckpt_path, trust_checkpoint)["state_dict"]), strict=False)
+    load_trained_weights(model, ckpt_path, trust_checkpoint)
     model.to(trainer.strategy.root_device).eval()
     splits = [split for split in ("train", "val", "test") if files.get(split)]
     targets = speech_token_files(output, splits)
