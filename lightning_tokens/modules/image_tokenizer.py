@@ -23,7 +23,8 @@ patch features) → ``vector_quantize_pytorch.VectorQuantize`` (cosine codebook,
 decoder (linear, pixel shuffle, two convolutions).
 
 Losses: L2 reconstruction, a perceptual loss (frozen MobileNetV2 feature distance standing in for LPIPS,
-whose weights do not ship offline), the VQ commitment loss of the library, and HSR.
+whose weights do not ship offline), the VQ commitment loss of the library, HSR, and optionally the PatchGAN
+hinge loss with VQGAN's adaptive weight (:mod:`lightning_tokens.layers.adversarial`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,15 @@ from typing_extensions import override
 
 from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.options import check_choice
+from lightning_tokens.layers.adversarial import (
+    AdversarialSettings,
+    PatchDiscriminator,
+    adaptive_adversarial_weight,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+)
 from lightning_tokens.models.vision import build_vision_encoder
-from lightning_tokens.modules.causal_lm import OptimizerSettings
+from lightning_tokens.modules.causal_lm import OptimizerSettings, adamw_with_schedule
 from lightning_tokens.modules.visual_tokenizer import resample_grid
 
 __all__ = [
@@ -348,17 +356,25 @@ class FlexibleImageTokenizer(pl.LightningModule):
           decoder's key-padding mask.
         - HSR against ``semantic_teacher`` (offline MobileNetV2 by default, any timm name; ``None``: off),
           its feature grid area-resampled onto the decoder grid.
-        - ``decoder_finetune_step``: from that step on only the pixel decoder trains (the codebook is
-          frozen too) and the semantic loss is off (GigaTok's ``freeze_but_decoder_iter``).
-        - Logs ``train/{loss,rec,perceptual,vq,semantic,keep_mean}``; in validation ``val/psnr@k``,
+        - ``decoder_finetune_step``: from that step on only the pixel decoder (and the discriminator) train,
+          the codebook is frozen too and the semantic loss is off (GigaTok's ``freeze_but_decoder_iter``).
+        - ``adversarial``: a PatchGAN discriminator trained with the hinge loss alongside the tokenizer, in the
+          same optimizer step: the generator's term reaches the tokenizer through a copy of the discriminator's
+          weights cut from the graph, the discriminator's term sees the reconstructions detached, so one
+          backward gives each side exactly its own gradient, and gradient accumulation, clipping, precision
+          and DDP work as for any module. The generator's term is scaled by VQGAN's adaptive weight, computed
+          at the pixel decoder's last convolution from the global (all-process) gradients.
+        - Logs ``train/{loss,rec,perceptual,vq,semantic,keep_mean}`` (with ``adversarial``, also
+          ``train/{adversarial,discriminator,adversarial_weight,logits_real,logits_fake}``); in validation ``val/psnr@k``,
           ``val/ssim@k`` for k ∈ {N/8, N/4, N/2, N}, ``val/codebook_usage``, ``val/perplexity``, and writes
           ``recon_grid.png`` (rows = images, columns = original then each k) to the log folder (and to the
           logger when it has ``log_image``).
 
     Simplifications against the reference, by design: a patchify convolution instead of the CNN encoder;
     positional tables added once to the inputs (not to every layer's queries and keys); a light pixel
-    decoder; no "direct" auxiliary branch; no PatchGAN (yet); MobileNetV2 features instead of LPIPS and
-    DINOv2 offline.
+    decoder; no "direct" auxiliary branch; the discriminator shares the tokenizer's AdamW settings, schedule
+    and gradient clipping (the reference gives it its own optimizer with the same settings); MobileNetV2
+    features instead of LPIPS and DINOv2 offline.
 
     Args:
         preset: ``tiny`` or ``sb256``.
@@ -369,8 +385,10 @@ class FlexibleImageTokenizer(pl.LightningModule):
         rtp: Redundant Token Padding (M = num_tokens − pad_from pad queries); ``False``: plain nested dropout.
         sampling: ``uniform`` | ``pow2`` | ``uniform_pow2``.
         granularity: ``per_sample`` | ``per_batch``.
-        keep_seed: the kept lengths of step ``s`` on rank ``r`` are drawn from a generator seeded by
-            ``(keep_seed, s, r)``, so a resumed run draws the same lengths as an uninterrupted one.
+        keep_seed: the kept lengths of step ``s`` are drawn for the global batch from a generator seeded by
+            ``(keep_seed, s)``, rank ``r`` of ``w`` taking positions ``r, r + w, ...`` (the order in which
+            ``DistributedSampler`` deals samples): a resumed run draws the lengths of an uninterrupted one, and
+            a DDP run those of one process with the same global batch.
         reconstruction_weight: weight of the L2 loss (on images scaled to ``[−1, 1]``).
         perceptual_weight: weight of the perceptual loss (0: off, no network built).
         perceptual_image_size: input side of the perceptual network (``None``: the image size).
@@ -387,8 +405,10 @@ class FlexibleImageTokenizer(pl.LightningModule):
         semantic_weight: w0.
         semantic_step_at: k0 of the ``step`` schedule (``None``: N / 2).
         decoder_finetune_step: the step from which only the pixel decoder trains (``None``: never).
+        adversarial: the PatchGAN option (:class:`~lightning_tokens.layers.adversarial.AdversarialSettings`;
+            ``None``: off, as in the quickstart; the reference trains with ``weight 0.5, start 0``).
         optimizer: AdamW settings (default :data:`RETOK_OPTIMIZER`).
-        lr_schedule: ``cosine`` (warm-up then cosine to ``min_lr_ratio · lr``) or ``constant``.
+        lr_schedule: ``cosine`` (warm-up then cosine to ``min_lr_ratio · lr``) or ``constant`` (``lr`` throughout).
         grid_images: images in the validation grid.
 
     Example::
@@ -434,6 +454,7 @@ class FlexibleImageTokenizer(pl.LightningModule):
         semantic_weight: float = 0.5,
         semantic_step_at: int | None = None,
         decoder_finetune_step: int | None = None,
+        adversarial: AdversarialSettings | None = None,
         optimizer: OptimizerSettings | None = None,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         grid_images: int = 8,
@@ -473,12 +494,14 @@ class FlexibleImageTokenizer(pl.LightningModule):
         self.register_buffer("pad_index", pad_query_indices(size.num_tokens, size.pad_from), persistent=False)
         self._build_networks(size, commitment_weight, codebook_decay, dead_code_threshold)
         self._build_frozen(semantic_teacher, semantic_pretrained, teacher_image_size, perceptual_image_size, perceptual_layers)
+        self.adversarial = adversarial
+        self.discriminator = (
+            PatchDiscriminator(3, adversarial.width, adversarial.depth, adversarial.norm) if adversarial is not None else None
+        )
         self._val_state: dict[str, Any] = {}
 
     # ---- construction ----------------------------------------------------------------------------
     def _build_networks(self, size: TokenizerSize, beta: float, decay: float, dead_code: int) -> None:
-        from vector_quantize_pytorch import VectorQuantize
-
         enc, dec, total = size.encoder_width, size.decoder_width, self.num_tokens + self.num_pad
         self.patch_embed = nn.Conv2d(3, enc, size.patch_size, stride=size.patch_size)
         self.patch_norm = nn.LayerNorm(enc)
@@ -489,15 +512,36 @@ class FlexibleImageTokenizer(pl.LightningModule):
         self.encoder = _layers(enc, size.encoder_depth, size.encoder_heads)
         self.encoder_norm = nn.LayerNorm(enc)
         self.to_code = nn.Linear(enc, size.codebook_dim)
-        self.quantizer = VectorQuantize(
-            dim=size.codebook_dim, codebook_size=size.codebook_size, use_cosine_sim=True, rotation_trick=True,
-            commitment_weight=beta, decay=decay, threshold_ema_dead_code=dead_code,
-        )
+        self._quantizer_options = {"commitment_weight": beta, "decay": decay, "threshold_ema_dead_code": dead_code}
+        self.quantizer = self._make_quantizer(synchronized=False)
+        self._quantizer_synchronized = False
         self.token_embed = nn.Linear(size.codebook_dim, dec)
         self.token_position = nn.Parameter(0.02 * torch.randn(1, total, dec))
         self.grid_position = nn.Parameter(0.02 * torch.randn(1, self.grid**2, dec))
         self.decoder = _layers(dec, size.decoder_depth, size.decoder_heads)
         self.pixel_decoder = PixelDecoder(dec, size.patch_size, size.pixel_channels)
+
+    def _make_quantizer(self, synchronized: bool) -> nn.Module:
+        """The library's VQ; ``synchronized`` all-reduces its EMA statistics (codebook usage and sums) over the
+        processes, so every process keeps the codebook one process would learn from the global batch."""
+        from vector_quantize_pytorch import VectorQuantize
+
+        return VectorQuantize(
+            dim=self.size.codebook_dim, codebook_size=self.size.codebook_size, use_cosine_sim=True, rotation_trick=True,
+            sync_codebook=synchronized, **self._quantizer_options,
+        )
+
+    @override
+    def setup(self, stage: str) -> None:
+        # VectorQuantize decides at construction whether to synchronise its EMA codebook, and a module is built
+        # before the process group exists: unsynchronised, each process would update the codebook from its own
+        # shard and DDP's buffer broadcast would keep only rank 0's. Rebuild it synchronised, state kept.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1 and not self._quantizer_synchronized:
+            state = self.quantizer.state_dict()
+            self.quantizer = self._make_quantizer(synchronized=True).to(self.device)
+            self.quantizer.load_state_dict(state)
+            self._quantizer_synchronized = True
 
     def _build_frozen(
         self, teacher: str | None, pretrained: bool, teacher_size: int | None, perceptual_size: int | None,
@@ -622,8 +666,7 @@ class FlexibleImageTokenizer(pl.LightningModule):
         """Every loss term for a batch of images in ``[0, 1]``; ``keep`` (B,) defaults to a fresh draw."""
         self._check_images(images)
         if keep is None:
-            total = self.num_tokens + self.num_pad
-            keep = sample_keep_lengths(images.shape[0], total, self.sampling, self.granularity, self._step_generator())
+            keep = self._draw_keep_lengths(images.shape[0])
         keep = keep.to(images.device)
         quantized, _, vq_loss = self.quantize(self.encode_latents(images))
         use_semantic = self.teacher is not None and not self._finetuning_decoder()
@@ -633,17 +676,61 @@ class FlexibleImageTokenizer(pl.LightningModule):
         zero = pixels.new_zeros(())
         terms["perceptual"] = self.perceptual(((pixels + 1) / 2), images).mean() if self.perceptual is not None else zero
         terms["semantic"] = self.semantic_loss(features, images, keep) if features is not None else zero
-        terms["loss"] = (
-            self.reconstruction_weight * terms["rec"] + self.perceptual_weight * terms["perceptual"] + vq_loss + terms["semantic"]
-        )
+        reconstruction = self.reconstruction_weight * terms["rec"] + self.perceptual_weight * terms["perceptual"]
+        terms["loss"] = reconstruction + vq_loss + terms["semantic"]
+        if self.discriminator is not None:
+            adversarial = self.adversarial_losses(pixels, target, reconstruction)
+            terms["loss"] = terms["loss"] + adversarial.pop("total")
+            terms.update(adversarial)
         return terms
 
-    def _step_generator(self, offset: int = 0) -> torch.Generator | None:
-        """A CPU generator keyed by (keep_seed, step, rank, offset) under a Trainer (exact resume); else
-        ``None`` (the global RNG)."""
+    def adversarial_losses(self, pixels: Tensor, target: Tensor, reconstruction: Tensor) -> dict[str, Tensor]:
+        """The PatchGAN terms for reconstructions and targets in ``[−1, 1]``: ``total`` = generator term (through
+        the discriminator's weights cut from the graph) + discriminator term (on detached reconstructions), both
+        times ``weight`` from ``start`` on and 0 before (the discriminator still runs, so its parameters always
+        get a gradient, as DDP requires)."""
+        assert self.discriminator is not None and self.adversarial is not None
+        settings = self.adversarial
+        step = self.trainer.global_step if self._trainer is not None else 0
+        factor = settings.weight if step >= settings.start else 0.0
+        real_logits = self.discriminator(target)
+        fake_logits = self.discriminator(pixels.detach())
+        discriminator = factor * hinge_discriminator_loss(real_logits, fake_logits)
+        terms = {
+            "discriminator": discriminator, "logits_real": real_logits.detach().mean(), "logits_fake": fake_logits.detach().mean(),
+        }
+        weight = pixels.new_zeros(())
+        generator = pixels.new_zeros(())
+        if factor > 0:
+            frozen = {name: param.detach() for name, param in self.discriminator.named_parameters()}
+            generator = hinge_generator_loss(torch.func.functional_call(self.discriminator, frozen, (pixels,)))
+            weight = pixels.new_tensor(factor)
+            if settings.adaptive and torch.is_grad_enabled() and reconstruction.requires_grad:
+                last_layer = self.pixel_decoder.refine[-1].weight
+                weight = factor * adaptive_adversarial_weight(reconstruction, generator, last_layer, self._global_mean)
+        terms.update(adversarial=generator.detach(), adversarial_weight=weight, total=weight * generator + discriminator)
+        return terms
+
+    def _global_mean(self, tensor: Tensor) -> Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="mean")
+
+    def _draw_keep_lengths(self, batch_size: int) -> Tensor:
+        """This process's kept lengths: drawn for the global batch, positions ``rank, rank + world, ...``."""
+        total = self.num_tokens + self.num_pad
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        generator = self._step_generator(per_rank=False)
+        keep = sample_keep_lengths(batch_size * world, total, self.sampling, self.granularity, generator)
+        return keep[rank::world].clone()
+
+    def _step_generator(self, offset: int = 0, per_rank: bool = True) -> torch.Generator | None:
+        """A CPU generator keyed by (keep_seed, step, rank if ``per_rank``, offset) under a Trainer (exact
+        resume); else ``None`` (the global RNG)."""
         if self._trainer is None:
             return None
-        seed = ((self.keep_seed * 1_000_003 + self.trainer.global_step) * 65_537 + self.trainer.global_rank) * 4 + offset
+        rank = self.trainer.global_rank if per_rank else 0
+        seed = ((self.keep_seed * 1_000_003 + self.trainer.global_step) * 65_537 + rank) * 4 + offset
         return torch.Generator().manual_seed(seed)
 
     def semantic_loss(self, features: Tensor, images: Tensor, keep: Tensor) -> Tensor:
@@ -662,7 +749,7 @@ class FlexibleImageTokenizer(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._finetuning_decoder():
             for name, param in self.named_parameters():
-                param.requires_grad_(name.startswith("pixel_decoder."))
+                param.requires_grad_(name.startswith(("pixel_decoder.", "discriminator.")))
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -746,35 +833,9 @@ class FlexibleImageTokenizer(pl.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         settings = self.optimizer_settings
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            plain = param.dim() < 2 or "norm" in name or "position" in name
-            (no_decay if plain else decay).append(param)
-        groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas))
         if self.lr_schedule == "constant":
-            return optimizer
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(settings.warmup * total) if settings.warmup < 1 else int(settings.warmup)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _CosineFactor(warmup, total, settings.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-@dataclasses.dataclass(frozen=True)
-class _CosineFactor:
-    """Learning-rate factor: linear warm-up, then cosine from 1 to ``floor`` at ``total`` steps (picklable)."""
-
-    warmup: int
-    total: int
-    floor: float
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
-        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            settings = dataclasses.replace(settings, warmup=0, min_lr_ratio=1.0)
+        return adamw_with_schedule(self.named_parameters(), settings, self.trainer, no_decay=lambda name: "position" in name)
 
 
 def _images(batch: Any) -> Tensor:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_tokens.core.errors import ConfigError
+from lightning_tokens.layers.adversarial import AdversarialSettings
 from lightning_tokens.modules.image_tokenizer import (
     FlexibleImageTokenizer,
     keep_probability,
@@ -201,7 +205,7 @@ def test_fit_three_steps_logs_psnr_per_length_and_writes_grid(tmp_path):
 
     from lightning_tokens.datamodules.images import ImageDataModule
 
-    module = _tiny(decoder_finetune_step=2)
+    module = _tiny(decoder_finetune_step=2, adversarial=AdversarialSettings(width=8, depth=2))
     data = ImageDataModule(sources=["digits"], image_size=32, num_val=4, batch_size=4, seed=0)
     trainer = pl.Trainer(
         max_steps=3, limit_val_batches=1, val_check_interval=3, accelerator="cpu", devices=1,
@@ -215,9 +219,10 @@ def test_fit_three_steps_logs_psnr_per_length_and_writes_grid(tmp_path):
         assert f"val/ssim@{k}" in metrics
     assert 0 < metrics["val/codebook_usage"] <= 1 and metrics["val/perplexity"] >= 1
     assert (tmp_path / "lightning_logs" / "version_0" / "recon_grid.png").exists()
-    # decoder fine-tuning from step 2: only the pixel decoder still trains
+    # decoder fine-tuning from step 2: only the pixel decoder (and the discriminator) still train
     trainable = {n.split(".")[0] for n, p in module.named_parameters() if p.requires_grad}
-    assert trainable == {"pixel_decoder"}
+    assert trainable == {"pixel_decoder", "discriminator"}
+    assert metrics["train/adversarial_weight"] > 0 and torch.isfinite(metrics["train/discriminator"])
     assert metrics["train/semantic"].item() == 0.0  # and the semantic loss is off (step 3)
 
 
@@ -225,7 +230,8 @@ def _fit(root, max_steps, ckpt_path=None, **trainer_kwargs):
     from lightning_tokens.datamodules.images import ImageDataModule
 
     pl.seed_everything(7)
-    module = _tiny(dead_code_threshold=1)  # its random re-seeding must resume exactly too
+    # dead-code re-seeding draws and the discriminator (BatchNorm buffers, switched on at step 1) resume exactly too
+    module = _tiny(dead_code_threshold=1, adversarial=AdversarialSettings(width=8, depth=2, start=1))
     data = ImageDataModule(sources=["digits"], image_size=32, num_val=0, batch_size=4, seed=0)
     trainer = pl.Trainer(
         max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -257,3 +263,53 @@ def test_trainer_resume_equals_an_uninterrupted_run(tmp_path):
     assert expected.keys() == got.keys()
     for name in expected:  # weights, the EMA codebook and its cluster sizes: bit for bit
         assert torch.equal(expected[name], got[name]), name
+
+
+def _adversarial_tiny(**settings) -> FlexibleImageTokenizer:
+    return _tiny(semantic_teacher=None, perceptual_weight=0, adversarial=AdversarialSettings(width=8, depth=2, **settings))
+
+
+def test_adversarial_terms_give_each_side_its_own_gradient():
+    module = _adversarial_tiny(norm="group").train()
+    reference = copy.deepcopy(module)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    keep = torch.tensor([5, 32, 56, 12])
+    terms = module.training_loss(images, keep)
+    terms["loss"].backward()
+
+    # by hand: the discriminator minimises weight * hinge on detached reconstructions; the tokenizer minimises
+    # rec + vq + weight * lambda * (-D(x_hat)), lambda = |grad rec| / (|grad adv| + 1e-4) at the last conv
+    quantized, _, vq = reference.quantize(reference.encode_latents(images))
+    pixels, _ = reference.decode_tokens(quantized, keep)
+    target = images * 2 - 1
+    rec = F.mse_loss(pixels, target)
+    disc = reference.discriminator
+    d_loss = 0.5 * 0.5 * (F.relu(1 - disc(target)).mean() + F.relu(1 + disc(pixels.detach())).mean())
+    d_params = list(disc.parameters())
+    d_grads = torch.autograd.grad(d_loss, d_params, retain_graph=True)
+    for (name, param), expected in zip(module.discriminator.named_parameters(), d_grads):
+        torch.testing.assert_close(param.grad, expected, msg=name)
+    g_loss = -disc(pixels).mean()
+    last = reference.pixel_decoder.refine[-1].weight
+    g_rec, = torch.autograd.grad(rec, last, retain_graph=True)
+    g_adv, = torch.autograd.grad(g_loss, last, retain_graph=True)
+    lam = g_rec.norm() / (g_adv.norm() + 1e-4)
+    torch.testing.assert_close(terms["adversarial_weight"], 0.5 * lam)
+    others = [(n, p) for n, p in reference.named_parameters() if not n.startswith("discriminator.") and p.requires_grad]
+    grads = torch.autograd.grad(rec + vq + 0.5 * lam.detach() * g_loss, [p for _, p in others], allow_unused=True)
+    got = dict(module.named_parameters())
+    for (name, _), expected in zip(others, grads):
+        if expected is None:
+            assert got[name].grad is None or not got[name].grad.any(), name
+        else:
+            torch.testing.assert_close(got[name].grad, expected, msg=name, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(terms["loss"], rec + vq + 0.5 * lam * g_loss + d_loss)
+
+
+def test_adversarial_is_off_before_its_start_but_the_discriminator_still_gets_a_gradient():
+    module = _adversarial_tiny(start=10).train()
+    terms = module.training_loss(torch.rand(2, 3, 32, 32), torch.tensor([4, 32]))
+    assert terms["adversarial_weight"].item() == 0.0 and terms["discriminator"].item() == 0.0
+    torch.testing.assert_close(terms["loss"], terms["rec"] + terms["vq"])
+    terms["loss"].backward()
+    assert all(p.grad is not None and not p.grad.any() for p in module.discriminator.parameters())
