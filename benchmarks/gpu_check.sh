@@ -72,7 +72,7 @@ GC_FLAG=""; [ "${Q_GC:-1}" = "1" ] && GC_FLAG="--gradient-checkpointing"
   --layers 8 --batch 8 --image-size 224 --rounds 5 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/vlm_loss.txt"
 # 6. ReTok: tokenizer images/s, encode + decode images/s, the image-code generator's step vs its labels= loss
 [ -n "${SKIP_RETOK:-}" ] || timeout "$TABLE_LIMIT" python3 benchmarks/retok_speed.py --device cuda --preset sb256 --batch 16 \
-  --codebook 16384 --tokens 256 --hidden 1024 --layers 8 --rounds 5 2>&1 | grep -v -i warn | tail -9 | tee "$OUT/retok_speed.txt"
+  --codebook 16384 --tokens 256 --hidden 1024 --layers 8 --rounds 5 2>&1 | grep -v -i warn | tail -11 | tee "$OUT/retok_speed.txt"
 # 7. Speech as tokens (issue 10): USTokenizer and DualSpeechLM steps, the LM's token loss vs its labels= loss (~60 s)
 [ -n "${SKIP_SPEECH:-}" ] || timeout "$TABLE_LIMIT" python3 benchmarks/speech_speed.py --device cuda --batch 8 --seconds 2 \
   --hidden 1024 --layers 8 --steps 5 --warmup 2 --repeats 5 --json "$OUT/speech_speed.json" 2>&1 \

@@ -1,7 +1,9 @@
 """ReTok throughput and the image-code generator's step against the model's own ``labels=`` loss.
 
-Three measurements, each the median of interleaved rounds after a warm-up:
+Four measurements, each the median of interleaved rounds after a warm-up:
   tokenizer_train   FlexibleImageTokenizer training steps (forward, backward, AdamW), images/s
+  with_patchgan     the same with the PatchGAN option (discriminator losses, adaptive weight), images/s and
+                    the median paired step-time ratio to tokenizer_train
   encode_decode     ``decode(encode(images, k))`` at k = N, images/s (no grad)
   generator         one optimizer step of a causal LM over class + code rows:
                       hf_loss     ``causal_lm(input_ids, labels=labels).loss`` (full logits)
@@ -32,16 +34,23 @@ def _timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def tokenizer_rates(args: argparse.Namespace) -> tuple[float, float]:
+def tokenizer_rates(args: argparse.Namespace) -> dict[str, float]:
+    from lightning_tokens.layers.adversarial import AdversarialSettings
     from lightning_tokens.modules.image_tokenizer import FlexibleImageTokenizer
 
-    tok = FlexibleImageTokenizer(preset=args.preset, semantic_teacher=None, perceptual_weight=0.0).to(args.device)
-    size = tok.hparams.get("image_size") or tok.size.image_size
-    images = torch.rand(args.batch, 3, size, size, device=args.device)
-    optimizer = torch.optim.AdamW(tok.parameters(), lr=1e-4)
+    def build(adversarial: AdversarialSettings | None) -> FlexibleImageTokenizer:
+        torch.manual_seed(0)
+        options = dict(semantic_teacher=None, perceptual_weight=0.0, adversarial=adversarial)
+        return FlexibleImageTokenizer(preset=args.preset, **options).to(args.device).train()
 
-    def train_step() -> None:
-        losses = tok.training_loss(images)
+    tok, gan = build(None), build(AdversarialSettings())
+    size = tok.size.image_size
+    images = torch.rand(args.batch, 3, size, size, device=args.device)
+    optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (tok, gan)}
+
+    def train_step(module: FlexibleImageTokenizer) -> None:
+        losses = module.training_loss(images)
+        optimizer = optimizers[id(module)]
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
@@ -50,17 +59,21 @@ def tokenizer_rates(args: argparse.Namespace) -> tuple[float, float]:
         with torch.no_grad():
             tok.decode(tok.encode(images, num_tokens=tok.num_tokens))
 
-    tok.train()
-    train_step()
+    train_step(tok), train_step(gan)
     tok.eval()
     round_trip()
-    train_times, codec_times = [], []
+    train_times, gan_times, ratios, codec_times = [], [], [], []
     for _ in range(args.rounds):
         tok.train()
-        train_times.append(_timed(train_step, args.device))
+        train_times.append(_timed(lambda: train_step(tok), args.device))
+        gan_times.append(_timed(lambda: train_step(gan), args.device))
+        ratios.append(gan_times[-1] / train_times[-1])
         tok.eval()
         codec_times.append(_timed(round_trip, args.device))
-    return args.batch / statistics.median(train_times), args.batch / statistics.median(codec_times)
+    return {
+        "train": args.batch / statistics.median(train_times), "gan": args.batch / statistics.median(gan_times),
+        "gan_ratio": statistics.median(ratios), "codec": args.batch / statistics.median(codec_times),
+    }
 
 
 def generator_ratio(args: argparse.Namespace) -> tuple[float, float, float]:
@@ -115,13 +128,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    train_rate, codec_rate = tokenizer_rates(args)
+    rates = tokenizer_rates(args)
     hf_s, ours_s, ratio = generator_ratio(args)
     print(f"\ndevice: {name}; preset {args.preset}, batch {args.batch}, {args.rounds} rounds (medians)\n")
     print("| measurement | value |")
     print("|---|---|")
-    print(f"| tokenizer training | {train_rate:.1f} images/s |")
-    print(f"| encode + decode (k = N) | {codec_rate:.1f} images/s |")
+    print(f"| tokenizer training | {rates['train']:.1f} images/s |")
+    print(f"| tokenizer training + PatchGAN | {rates['gan']:.1f} images/s |")
+    print(f"| PatchGAN step-time ratio (median paired) | {rates['gan_ratio']:.3f} |")
+    print(f"| encode + decode (k = N) | {rates['codec']:.1f} images/s |")
     print(f"| generator step, `labels=` loss | {hf_s * 1000:.1f} ms |")
     print(f"| generator step, token loss | {ours_s * 1000:.1f} ms |")
     print(f"| generator ratio token / `labels=` (median paired) | {ratio:.3f} |")
