@@ -102,6 +102,42 @@ def trainer(**kwargs):
     return pl.Trainer(**{**defaults, **kwargs})
 
 
+def fit_sharded(model, items, collate, strategy: str, global_batch: int, steps: int, callbacks=()) -> dict:
+    """A worker's fit: ``steps`` steps of ``global_batch`` items, one process (``single``) or two under DDP
+    (``ddp``, launched by torchrun), rank ``r`` of ``w`` taking items ``r, r + w, ...`` of each global batch
+    (``DistributedSampler`` without shuffling); returns the final state dict on the CPU."""
+    import os
+
+    from torch.utils.data import DistributedSampler
+
+    world = 1 if strategy == "single" else 2
+    fitter = trainer(
+        devices=world, strategy="ddp" if world > 1 else "auto", max_steps=steps, num_sanity_val_steps=0,
+        use_distributed_sampler=False, callbacks=list(callbacks),
+    )
+    sampler = DistributedSampler(items, num_replicas=world, rank=int(os.environ.get("RANK", "0")), shuffle=False)
+    fitter.fit(model, DataLoader(items, batch_size=global_batch // world, sampler=sampler, collate_fn=collate))
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def worker_main(fit, name: str) -> None:
+    """The command line of a multi-process test worker: ``--strategy single|ddp --out DIR``; one thread per
+    process; rank 0 saves ``fit(strategy)`` to ``DIR/<name>_<strategy>.pt``."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", required=True, choices=["single", "ddp"])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    result = fit(args.strategy)
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(result, os.path.join(args.out, f"{name}_{args.strategy}.pt"))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface now (for process-group rendezvous)."""
     with socket.socket() as sock:

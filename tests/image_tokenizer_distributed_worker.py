@@ -11,7 +11,6 @@ the final state dict to ``DIR/tokenizer_<strategy>.pt``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -19,19 +18,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from lightning_tokens.datamodules.images import collate_images  # noqa: E402
 from lightning_tokens.layers.adversarial import AdversarialSettings  # noqa: E402
 from lightning_tokens.modules.causal_lm import OptimizerSettings  # noqa: E402
 from lightning_tokens.modules.image_tokenizer import FlexibleImageTokenizer  # noqa: E402
+from tests.helpers import fit_sharded, worker_main  # noqa: E402
 
 GLOBAL_BATCH = 4
 STEPS = 3
 
 
 def fit(strategy: str) -> tuple[list[float], dict[str, torch.Tensor]]:
-    world = 1 if strategy == "single" else 2
     torch.manual_seed(1234)  # every process builds the same initial weights
     model = FlexibleImageTokenizer(
         preset="tiny", semantic_pretrained=False, teacher_image_size=64, perceptual_image_size=32,
@@ -44,30 +42,9 @@ def fit(strategy: str) -> tuple[list[float], dict[str, torch.Tensor]]:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             losses.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
 
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", max_steps=STEPS, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        use_distributed_sampler=False, callbacks=[Record()],
-    )
     images = list(torch.rand(GLOBAL_BATCH * STEPS, 3, 32, 32, generator=torch.Generator().manual_seed(5)))
-    sampler = DistributedSampler(images, num_replicas=world, rank=int(os.environ.get("RANK", "0")), shuffle=False)
-    loader = DataLoader(images, batch_size=GLOBAL_BATCH // world, sampler=sampler, collate_fn=collate_images)
-    trainer.fit(model, loader)
-    return losses, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", required=True, choices=["single", "ddp"])
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    result = fit(args.strategy)
-    if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(result, os.path.join(args.out, f"tokenizer_{args.strategy}.pt"))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    return losses, fit_sharded(model, images, collate_images, strategy, GLOBAL_BATCH, STEPS, [Record()])
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(fit, "tokenizer")
