@@ -120,6 +120,15 @@ def fit_sharded(model, items, collate, strategy: str, global_batch: int, steps: 
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+def single_and_ddp(worker: str, out: str, name: str) -> tuple:
+    """Run a :func:`worker_main` worker in one process and in two under DDP; its two saved results."""
+    import os
+
+    launch_worker(worker, ["--strategy", "single", "--out", out], distributed=False)
+    launch_worker(worker, ["--strategy", "ddp", "--out", out], distributed=True)
+    return tuple(torch.load(os.path.join(out, f"{name}_{s}.pt"), weights_only=False) for s in ("single", "ddp"))
+
+
 def worker_main(fit, name: str) -> None:
     """The command line of a multi-process test worker: ``--strategy single|ddp --out DIR``; one thread per
     process; rank 0 saves ``fit(strategy)`` to ``DIR/<name>_<strategy>.pt``."""

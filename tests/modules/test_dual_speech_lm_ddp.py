@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import launch_worker
+from tests.helpers import single_and_ddp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "speech_distributed_worker.py")
@@ -16,11 +16,7 @@ WORKER = os.path.join(ROOT, "tests", "speech_distributed_worker.py")
 
 @pytest.mark.slow
 def test_dual_speech_lm_ddp_follows_one_process(tmp_path):
-    out = str(tmp_path)
-    launch_worker(WORKER, ["--strategy", "single", "--out", out], distributed=False)
-    launch_worker(WORKER, ["--strategy", "ddp", "--out", out], distributed=True)
-    single_losses, single = torch.load(os.path.join(out, "speech_single.pt"), weights_only=False)
-    ddp_losses, ddp = torch.load(os.path.join(out, "speech_ddp.pt"), weights_only=False)
+    (single_losses, single), (ddp_losses, ddp) = single_and_ddp(WORKER, str(tmp_path), "speech")
     assert len(single_losses) == len(ddp_losses) == 3
     torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single_losses), rtol=0, atol=1e-5)
     assert single.keys() == ddp.keys()

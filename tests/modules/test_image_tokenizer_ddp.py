@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import launch_worker
+from tests.helpers import single_and_ddp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "image_tokenizer_distributed_worker.py")
@@ -17,11 +17,7 @@ WORKER = os.path.join(ROOT, "tests", "image_tokenizer_distributed_worker.py")
 
 @pytest.mark.slow
 def test_image_tokenizer_ddp_follows_one_process(tmp_path):
-    out = str(tmp_path)
-    launch_worker(WORKER, ["--strategy", "single", "--out", out], distributed=False)
-    launch_worker(WORKER, ["--strategy", "ddp", "--out", out], distributed=True)
-    single_losses, single = torch.load(os.path.join(out, "tokenizer_single.pt"), weights_only=False)
-    ddp_losses, ddp = torch.load(os.path.join(out, "tokenizer_ddp.pt"), weights_only=False)
+    (single_losses, single), (ddp_losses, ddp) = single_and_ddp(WORKER, str(tmp_path), "tokenizer")
     assert len(single_losses) == len(ddp_losses) == 3
     torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single_losses), rtol=0, atol=1e-5)
     assert single.keys() == ddp.keys()
