@@ -70,6 +70,14 @@ def global_sum(value: Tensor, trainer: pl.Trainer | None) -> Tensor:
     return total * _replicas(trainer) / trainer.world_size
 
 
+def global_mean(value: Tensor, trainer: pl.Trainer | None) -> Tensor:
+    """``value`` averaged over the data-parallel ranks (itself in one process): what one process would hold
+    for the global batch when ``value`` is a gradient or a per-rank mean."""
+    if trainer is None or trainer.world_size == 1:
+        return value
+    return global_sum(value, trainer) / _replicas(trainer)
+
+
 def _replicas(trainer: pl.Trainer) -> int:
     """Number of data-parallel replicas, the divisor the strategy applies when averaging gradients."""
     try:

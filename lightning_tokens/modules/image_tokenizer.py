@@ -30,6 +30,7 @@ hinge loss with VQGAN's adaptive weight (:mod:`lightning_tokens.layers.adversari
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ from typing_extensions import override
 
 from lightning_tokens.core.errors import ConfigError
 from lightning_tokens.core.options import check_choice
+from lightning_tokens.core.reduction import global_mean
 from lightning_tokens.layers.adversarial import (
     AdversarialSettings,
     PatchDiscriminator,
@@ -707,14 +709,11 @@ class FlexibleImageTokenizer(pl.LightningModule):
             weight = pixels.new_tensor(factor)
             if settings.adaptive and torch.is_grad_enabled() and reconstruction.requires_grad:
                 last_layer = self.pixel_decoder.refine[-1].weight
-                weight = factor * adaptive_adversarial_weight(reconstruction, generator, last_layer, self._global_mean)
+                weight = factor * adaptive_adversarial_weight(
+                    reconstruction, generator, last_layer, functools.partial(global_mean, trainer=self._trainer)
+                )
         terms.update(adversarial=generator.detach(), adversarial_weight=weight, total=weight * generator + discriminator)
         return terms
-
-    def _global_mean(self, tensor: Tensor) -> Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return tensor
-        return self.trainer.strategy.reduce(tensor, reduce_op="mean")
 
     def _draw_keep_lengths(self, batch_size: int) -> Tensor:
         """This process's kept lengths: drawn for the global batch, positions ``rank, rank + world, ...``."""
