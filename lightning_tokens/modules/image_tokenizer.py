@@ -53,6 +53,7 @@ from lightning_tokens.layers.adversarial import (
     hinge_discriminator_loss,
     hinge_generator_loss,
 )
+from lightning_tokens.metrics.speech import CodebookUsage
 from lightning_tokens.models.vision import build_vision_encoder
 from lightning_tokens.modules.causal_lm import OptimizerSettings, adamw_with_schedule
 from lightning_tokens.modules.visual_tokenizer import resample_grid
@@ -500,6 +501,7 @@ class FlexibleImageTokenizer(pl.LightningModule):
         self.discriminator = (
             PatchDiscriminator(3, adversarial.width, adversarial.depth, adversarial.norm) if adversarial is not None else None
         )
+        self.val_codebook = CodebookUsage(size.codebook_size)
         self._val_state: dict[str, Any] = {}
 
     # ---- construction ----------------------------------------------------------------------------
@@ -764,9 +766,9 @@ class FlexibleImageTokenizer(pl.LightningModule):
 
     @override
     def on_validation_epoch_start(self) -> None:
+        self.val_codebook.reset()
         self._val_state = {
-            "counts": torch.zeros(self.size.codebook_size, device=self.device), "grid": None,
-            "sums": torch.zeros(len(self.eval_lengths()), 2, dtype=torch.float64, device=self.device), "seen": 0,
+            "grid": None, "sums": torch.zeros(len(self.eval_lengths()), 2, dtype=torch.float64, device=self.device), "seen": 0,
         }
 
     @override
@@ -776,7 +778,7 @@ class FlexibleImageTokenizer(pl.LightningModule):
         images = _images(batch).to(self.device)
         size = images.shape[0]
         quantized, codes, _ = self.quantize(self.encode_latents(images), update=False)
-        self._val_state["counts"] += torch.bincount(codes[:, : self.num_tokens].flatten(), minlength=self.size.codebook_size)
+        self.val_codebook.update(codes[:, : self.num_tokens])
         columns = [images]
         self._val_state["seen"] += size
         for index, k in enumerate(self.eval_lengths()):
@@ -793,16 +795,11 @@ class FlexibleImageTokenizer(pl.LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        counts = self._val_state.get("counts")
-        if counts is None:
+        if not self._val_state:
             return
-        if self._trainer is not None:
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        total = counts.sum().clamp_min(1)
-        probs = counts / total
-        entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
-        self.log("val/codebook_usage", (counts > 0).float().mean())
-        self.log("val/perplexity", entropy.exp())
+        codebook = self.val_codebook.compute()  # the code histogram summed over processes
+        self.log("val/codebook_usage", codebook["usage"])
+        self.log("val/perplexity", codebook["perplexity"])
         if self._trainer is None or self.trainer.sanity_checking:
             return
         if self._val_state.get("grid") is not None:

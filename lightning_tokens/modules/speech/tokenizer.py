@@ -47,6 +47,7 @@ from typing_extensions import override
 
 from lightning_tokens.core.errors import ConfigError, DataError
 from lightning_tokens.core.loss import TokenLossMixin
+from lightning_tokens.core.reduction import global_sum
 from lightning_tokens.modules.frozen_cache import WaveformCache
 from lightning_tokens.core.stats import IGNORE_INDEX
 from lightning_tokens.metrics.speech import CodebookUsage, tokens_per_second
@@ -539,8 +540,7 @@ class SpeechTokenizer(TokenLossMixin, pl.LightningModule):
         codebook = self.val_codebook.compute()
         usage, perplexity = codebook["usage"], codebook["perplexity"]
         totals = torch.tensor([self._val["tokens"], self._val["samples"]], device=self.device, dtype=torch.float64)
-        if self._trainer is not None:
-            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        totals = global_sum(totals, self._trainer)
         rate = tokens_per_second(float(totals[0]), float(totals[1]), SAMPLE_RATE)
         self.log("val/codebook_usage", usage)
         self.log("val/perplexity", perplexity)
